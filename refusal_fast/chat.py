@@ -1,0 +1,190 @@
+"""Chat formatting: prompt text, end-of-instruction positions, refusal tokens, length buckets.
+
+The *end-of-instruction* (eoi) tokens are the chat-template tokens that follow the user's
+instruction up to the assistant's first token, e.g. ``<|im_end|> \\n <|im_start|> assistant \\n``
+for ChatML. The refusal-direction literature reads activations at these "post-instruction"
+positions. Because prompts are left padded, the eoi tokens sit at the same negative offsets
+(``[-n_eoi, ..., -1]``) in every row of a batch.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "DEFAULT_REFUSAL_PHRASES", "format_prompt", "eoi_tokens", "eoi_positions", "encode_prompts",
+    "length_buckets", "refusal_token_ids", "ensure_pad_token", "template_fingerprint",
+]
+
+#: Phrases whose first token starts a typical refusal; :func:`refusal_token_ids` keeps the first token of each.
+DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = ("I", "As", "Sorry", "Unfortunately", "Apologies")
+
+# Diverse instructions (different final characters/words) used to find the template suffix.
+_SENTINELS = (
+    "Tell me a story about a lighthouse keeper.",
+    "what is 17 times 23?",
+    "Translate 'bonjour' into English please",
+    "List three colours!",
+    "zqxv",
+)
+
+
+def ensure_pad_token(tokenizer):
+    """Give ``tokenizer`` a pad token (eos or unk when missing) and left padding; returns it."""
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("tokenizer has no pad, eos or unk token to pad with; set tokenizer.pad_token first")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _messages(instruction: str, system_prompt: str | None) -> list[dict]:
+    msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return msgs + [{"role": "user", "content": instruction}]
+
+
+def format_prompt(tokenizer, instruction: str, system_prompt: str | None = None) -> str:
+    """Render one instruction with the tokenizer's chat template, ending at the assistant's first token.
+
+    Templates that reject a system role (Gemma) get the system prompt prepended to the
+    instruction, as their model cards recommend.
+    """
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat_template; set tokenizer.chat_template to a Jinja template"
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            _messages(instruction, system_prompt), tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # jinja raise_exception on a system role
+        if system_prompt is None or "system" not in str(exc).lower():
+            raise
+        text = tokenizer.apply_chat_template(
+            _messages(f"{system_prompt}\n\n{instruction}", None), tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eoi_tokens(tokenizer, system_prompt: str | None = None) -> list[int]:
+    """Token ids that follow the user's instruction up to the assistant's first token.
+
+    Found as the longest token suffix shared by several diverse rendered instructions,
+    never reaching into the instruction text itself.
+    """
+    suffix: list[int] | None = None
+    for instruction in _SENTINELS:
+        text = format_prompt(tokenizer, instruction, system_prompt)
+        ids = _tokenize(tokenizer, text)
+        # Tokens strictly after the instruction: tokenize the text after the instruction's end
+        # would risk different merges, so bound the suffix length by the characters instead.
+        tail_chars = len(text) - (text.rfind(instruction) + len(instruction))
+        max_len = _max_suffix_tokens(tokenizer, text, ids, tail_chars)
+        cand = ids[len(ids) - max_len:] if max_len else []
+        if suffix is None:
+            suffix = cand
+        else:
+            n = 0
+            while n < min(len(suffix), len(cand)) and suffix[-1 - n] == cand[-1 - n]:
+                n += 1
+            suffix = suffix[len(suffix) - n:]
+    if not suffix:
+        raise ValueError("could not find any template tokens after the instruction (chat template adds none?)")
+    return suffix
+
+
+def _max_suffix_tokens(tokenizer, text: str, ids: list[int], tail_chars: int) -> int:
+    """Number of trailing tokens lying entirely inside the last ``tail_chars`` characters."""
+    start_char = len(text) - tail_chars
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        n = 0
+        for s, _ in reversed(offsets):
+            if s < start_char:
+                break
+            n += 1
+        return n
+    # Slow tokenizer: count tokens of the tail alone (upper bound checked by the common suffix).
+    return min(len(_tokenize(tokenizer, text[start_char:])), len(ids))
+
+
+def eoi_positions(tokenizer, system_prompt: str | None = None) -> list[int]:
+    """Negative offsets of the end-of-instruction tokens in a left-padded prompt, e.g. ``[-5, ..., -1]``."""
+    n = len(eoi_tokens(tokenizer, system_prompt))
+    return list(range(-n, 0))
+
+
+def encode_prompts(
+    tokenizer, instructions: Sequence[str], system_prompt: str | None = None, device=None
+) -> dict[str, torch.Tensor]:
+    """Format and tokenize instructions as one left-padded batch.
+
+    Returns:
+        ``input_ids`` ``[batch, seq]``, ``attention_mask`` ``[batch, seq]`` and ``position_ids``
+        ``[batch, seq]`` (``cumsum(mask) - 1``, so absolute-position models such as GPT-2 see
+        the same positions as for the unpadded prompt — pass them to ``forward``/``generate``).
+    """
+    if isinstance(instructions, str) or not isinstance(instructions, Sequence):
+        raise TypeError("instructions must be a sequence of strings")
+    if len(instructions) == 0:
+        raise ValueError("instructions is empty")
+    ensure_pad_token(tokenizer)
+    texts = [format_prompt(tokenizer, t, system_prompt) for t in instructions]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    input_ids = enc["input_ids"]
+    mask = enc["attention_mask"]
+    if (mask[:, -1] == 0).any():
+        raise RuntimeError("tokenizer did not left-pad the batch (padding_side must be 'left')")
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+def prompt_lengths(tokenizer, instructions: Sequence[str], system_prompt: str | None = None) -> list[int]:
+    """Token count of each formatted prompt (no padding)."""
+    texts = [format_prompt(tokenizer, t, system_prompt) for t in instructions]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches of at most ``batch_size`` with similar lengths (longest first), to cut padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def refusal_token_ids(tokenizer, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> list[int]:
+    """Unique first token ids of ``phrases`` as they would start the assistant's reply."""
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    ids: list[int] = []
+    for phrase in phrases:
+        toks = _tokenize(tokenizer, phrase)
+        if not toks:
+            raise ValueError(f"refusal phrase {phrase!r} tokenizes to nothing")
+        if toks[0] not in ids:
+            ids.append(toks[0])
+    if not ids:
+        raise ValueError("no refusal phrases given")
+    return ids
+
+
+def template_fingerprint(tokenizer, system_prompt: str | None = None) -> str:
+    """Short hash of the rendered template around a fixed instruction (for artifact metadata)."""
+    import hashlib
+
+    text = format_prompt(tokenizer, "{instruction}", system_prompt)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
