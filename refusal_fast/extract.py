@@ -1,0 +1,516 @@
+"""Streaming difference-in-means extraction: :func:`extract_means`.
+
+One forward pass per length bucket of prompts (all groups mixed). A forward pre-hook on each
+needed decoder block gathers only the wanted token positions ``hidden[:, positions, :]``
+(``[batch, n_positions, d_model]``, never a copy of ``[batch, seq, d_model]``) and adds each
+row into its group's fp32 partial sum with :func:`refusal_fast.ops.group_accumulate_`.
+The pre-hook of the last needed block raises a private exception, so no later block, final
+norm or LM head is ever computed. After each batch the fp32 partials are folded into float64
+totals; counts are kept on the host. Memory is therefore independent of the number of prompts.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from . import chat
+from .means import Means, library_version, prompt_set_hash
+from .models import block_input, get_adapter
+
+__all__ = ["extract_means", "Means"]
+
+DEFAULT_CHECKPOINT_EVERY = 50  # batches
+
+
+class _StopForward(Exception):
+    """Raised by the last needed block's pre-hook to end the forward early."""
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_groups(groups: Any) -> tuple[list[str], list[list[str]]]:
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"groups must be a dict {{name: list of prompts}}, got {type(groups).__name__}")
+    if len(groups) == 0:
+        raise ValueError("groups is empty; give at least one group of prompts")
+    names, lists = [], []
+    for name, prompts in groups.items():
+        if not isinstance(name, str):
+            raise TypeError(f"group names must be str, got {name!r}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"group {name!r} must be a list of prompt strings, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise ValueError(f"group {name!r} is empty")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"group {name!r}, prompt {i}: expected str, got {type(p).__name__}")
+        names.append(name)
+        lists.append(list(prompts))
+    return names, lists
+
+
+def _check_positions(positions: Any, default: list[int]) -> list[int]:
+    if positions is None:
+        return list(default)
+    if hasattr(positions, "__index__") and not isinstance(positions, (bool, torch.Tensor)):
+        positions = [positions]
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, (Sequence, torch.Tensor)):
+        raise TypeError(f"positions must be a list of negative ints, got {type(positions).__name__}")
+    out = []
+    for p in (positions.reshape(-1).tolist() if isinstance(positions, torch.Tensor) else positions):
+        if isinstance(p, bool) or not hasattr(p, "__index__"):
+            raise TypeError(f"positions must be ints (negative offsets from the prompt end), got {p!r}")
+        p = int(p.__index__())
+        if p >= 0:
+            raise ValueError(
+                f"position {p} is not a negative offset; positions count back from the end of the "
+                f"prompt (-1 = last token), e.g. {default}"
+            )
+        out.append(p)
+    if not out:
+        raise ValueError("positions is empty")
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate positions: {out}")
+    return sorted(out)
+
+
+def _check_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _dist_info(distributed: bool | None) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = ready
+    if distributed and not ready:
+        raise ValueError("distributed=True but torch.distributed is not initialised (call init_process_group)")
+    return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+
+def _ordered_hash(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- state
+class _State:
+    """Running float64 totals ``[n_layers, G*P, d]`` (+ second moments), fp32 partials, host counts.
+
+    Tensors are allocated lazily on the device where each layer's activations live (so
+    ``device_map`` models work); float64 totals stay on that device when it supports float64.
+    """
+
+    def __init__(self, n_layers: int, n_groups: int, n_pos: int, d: int, sm_slots: Mapping[int, int]):
+        self.L, self.G, self.P, self.d = n_layers, n_groups, n_pos, d
+        self.sm_slots = dict(sm_slots)  # layer slot -> second-moment slot
+        self.partial: list[torch.Tensor | None] = [None] * n_layers
+        self.totals: list[torch.Tensor | None] = [None] * n_layers
+        self.second: list[torch.Tensor | None] = [None] * len(self.sm_slots)
+        self.counts = [0] * n_groups
+        self.batches_done = 0
+
+    @staticmethod
+    def _total_device(device: torch.device) -> torch.device:
+        return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+
+    def buffers(self, li: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 partial ``[G*P, d]`` and (if any) float64 second-moment totals ``[G, P, d, d]``."""
+        acc = self.partial[li]
+        if acc is None or acc.device != device:
+            acc = self.partial[li] = torch.zeros(self.G * self.P, self.d, dtype=torch.float32, device=device)
+        tdev = self._total_device(device)
+        tot = self.totals[li]
+        if tot is None:
+            self.totals[li] = torch.zeros(self.G * self.P, self.d, dtype=torch.float64, device=tdev)
+        elif tot.device != tdev:
+            self.totals[li] = tot.to(tdev)
+        sm = None
+        si = self.sm_slots.get(li)
+        if si is not None:
+            sm = self.second[si]
+            if sm is None:
+                sm = self.second[si] = torch.zeros(self.G, self.P, self.d, self.d, dtype=torch.float64, device=tdev)
+            elif sm.device != tdev:
+                sm = self.second[si] = sm.to(tdev)
+        return acc, sm
+
+    def fold(self) -> None:
+        """Add the fp32 partials into the float64 totals and zero them."""
+        for acc, tot in zip(self.partial, self.totals):
+            if acc is not None:
+                tot.add_(acc.to(tot.device))
+                acc.zero_()
+
+    def zero_partials(self) -> None:
+        for acc in self.partial:
+            if acc is not None:
+                acc.zero_()
+
+    def sums(self) -> torch.Tensor:
+        """Float64 sums ``[L, G, P, d]`` on the CPU."""
+        out = torch.zeros(self.L, self.G * self.P, self.d, dtype=torch.float64)
+        for li, tot in enumerate(self.totals):
+            if tot is not None:
+                out[li] = tot.cpu()
+        return out.view(self.L, self.G, self.P, self.d)
+
+    def second_moments(self, sm_layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        for layer, t in zip(sm_layers, self.second):
+            out[layer] = t.cpu() if t is not None else torch.zeros(self.G, self.P, self.d, self.d, dtype=torch.float64)
+        return out
+
+    def load(self, means: Means, sm_layers: Sequence[int]) -> None:
+        sums = torch.stack([means.sum(g) for g in means.groups], dim=1)  # [L, G, P, d]
+        for li in range(self.L):
+            self.totals[li] = sums[li].reshape(self.G * self.P, self.d).contiguous()
+        for si, layer in enumerate(sm_layers):
+            self.second[si] = means._second[layer].clone()
+        self.counts = [means.count(g) for g in means.groups]
+
+    def nbytes(self) -> int:
+        ts = [t for t in (*self.partial, *self.totals, *self.second) if t is not None]
+        return sum(t.nbytes for t in ts)
+
+
+class _Batch:
+    """Host-side description of the current batch; device index tensors are cached per device."""
+
+    def __init__(self, row_groups: list[int], n_pos: int, positions: list[int]):
+        self.row_groups = row_groups
+        self.n_pos = n_pos
+        self.positions = positions
+        self._cache: dict[Any, Any] = {}
+        present = sorted(set(row_groups))
+        self.group_rows = {g: [i for i, rg in enumerate(row_groups) if rg == g] for g in present}
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """Accumulator row for each gathered row: ``group * P + p``, ``[batch * P]`` int64."""
+        key = ("index", device)
+        if key not in self._cache:
+            # a normal (non-inference) tensor, so ops' index range check runs once per batch, not per layer
+            with torch.inference_mode(False):
+                g = torch.tensor(self.row_groups, dtype=torch.int64)
+                idx = (g[:, None] * self.n_pos + torch.arange(self.n_pos)[None, :]).reshape(-1)
+                self._cache[key] = idx.to(device)
+        return self._cache[key]
+
+    def gather_index(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        key = ("pos", seq_len, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor([seq_len + p for p in self.positions], dtype=torch.int64).to(device)
+        return self._cache[key]
+
+    def rows(self, g: int, device: torch.device) -> torch.Tensor | None:
+        """Row indices of group ``g`` (None when the whole batch is that group)."""
+        if len(self.group_rows) == 1:
+            return None
+        key = ("rows", g, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.group_rows[g], dtype=torch.int64).to(device)
+        return self._cache[key]
+
+
+@contextlib.contextmanager
+def _capture(adapter, layers: list[int], state: _State, current: dict, deterministic: bool):
+    """Register pre-hooks on the blocks of ``layers``; always removed on exit."""
+    from . import ops
+
+    last = layers[-1]
+    handles = []
+
+    def make_hook(li: int, layer: int):
+        def hook(module, args, kwargs):
+            batch: _Batch = current["batch"]
+            hidden = block_input(args, kwargs)  # [B, T, d]
+            dev = hidden.device
+            x = hidden.index_select(1, batch.gather_index(hidden.shape[1], dev))  # [B, P, d]
+            acc, sm = state.buffers(li, dev)
+            ops.group_accumulate_(acc, x.reshape(-1, x.shape[-1]), batch.index(dev), deterministic=deterministic)
+            if sm is not None:
+                xf = x.float()
+                for g in batch.group_rows:
+                    rows = batch.rows(g, dev)
+                    xg = (xf if rows is None else xf.index_select(0, rows)).transpose(0, 1)  # [P, n, d]
+                    sm[g].add_(torch.matmul(xg.transpose(1, 2), xg).to(sm.device))  # [P, d, d]
+            if layer == last:
+                raise _StopForward
+            return None
+
+        return hook
+
+    try:
+        for li, layer in enumerate(layers):
+            handles.append(adapter.blocks[layer].register_forward_pre_hook(make_hook(li, layer), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _rank_path(path: Path, rank: int, world: int) -> Path:
+    if world == 1:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix}")
+
+
+def _save_checkpoint(path: Path, state: _State, names, layers, positions, sm_layers, meta, ckpt_info) -> None:
+    m = dict(meta)
+    m["checkpoint"] = dict(ckpt_info, batches_done=state.batches_done)
+    Means(state.sums(), state.counts, names, layers, positions, m, state.second_moments(sm_layers)).save(
+        path, sidecar=False
+    )
+
+
+def _load_checkpoint(path: Path, fingerprint: str, n_batches: int) -> tuple[Means, int]:
+    means = Means.load(path)
+    info = means.metadata.get("checkpoint") or {}
+    if info.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"checkpoint {path} was written by an extraction with different arguments (prompts, layers, "
+            "positions, batch size, model, template or world size); delete it or pass another checkpoint path"
+        )
+    done = int(info.get("batches_done", -1))
+    if not 0 <= done <= n_batches:
+        raise ValueError(f"checkpoint {path} is corrupt: batches_done={done} of {n_batches}")
+    return means, done
+
+
+# ---------------------------------------------------------------------------- distributed
+def _all_reduce(state: _State, sm_layers: Sequence[int]) -> tuple:
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    sums = state.sums()
+    flat = torch.cat([sums.reshape(-1), torch.tensor(state.counts, dtype=torch.float64)]).to(device)
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    n = sums.numel()
+    sums = flat[:n].view_as(sums).clone()
+    counts = [int(round(c)) for c in flat[n:].tolist()]
+    second = {}
+    for layer, t in state.second_moments(sm_layers).items():
+        t = t.to(device)
+        dist.all_reduce(t)
+        second[layer] = t.cpu()
+    return sums, counts, second
+
+
+def _check_same_args(fingerprint: str) -> None:
+    """Raise on every rank if the ranks were called with different arguments."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    h = int(fingerprint[:15], 16)
+    lo = torch.tensor([h], dtype=torch.int64, device=device)
+    hi = lo.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise ValueError("torch.distributed ranks called extract_means with different prompts or arguments")
+
+
+# ---------------------------------------------------------------------------- main entry
+def extract_means(
+    model,
+    tokenizer,
+    groups: Mapping[str, Sequence[str]],
+    positions: Sequence[int] | int | None = None,
+    layers: Sequence[int] | int | None = None,
+    batch_size: int = 32,
+    system_prompt: str | None = None,
+    deterministic: bool = False,
+    progress: bool = True,
+    second_moment_layers: Sequence[int] | int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    distributed: bool | None = None,
+    _on_batch: Callable[[int], None] | None = None,
+) -> Means:
+    """Mean residual-stream activation per prompt group, per layer and end-of-instruction position.
+
+    Args:
+        model: a transformers causal LM supported by :func:`refusal_fast.models.get_adapter`.
+        tokenizer: its tokenizer, with a chat template.
+        groups: ``{name: [instruction, ...]}``; any number of non-empty groups.
+        positions: negative token offsets from the end of the formatted prompt; default the
+            end-of-instruction positions :func:`refusal_fast.chat.eoi_positions`.
+        layers: layer indices (layer ``l`` = residual at the input of block ``l`` =
+            ``hidden_states[l]``; negatives count from the end); default all.
+        batch_size: prompts per forward pass (batches are length-sorted across all groups).
+        system_prompt: optional system prompt rendered into every prompt.
+        deterministic: bit-reproducible accumulation (fixed reduction order, no atomics).
+        progress: show a tqdm bar (prompts/s).
+        second_moment_layers: layers (a subset of ``layers``) at which to also accumulate
+            ``sum x xᵀ`` ``[n_groups, n_positions, d_model, d_model]`` (see :meth:`Means.covariance`).
+        checkpoint: path of a resumable partial state; written every ``checkpoint_every``
+            batches (default 50), on interruption and at the end. Rerunning with the same
+            arguments resumes from it and gives the same result as one uninterrupted run.
+            Under ``torch.distributed`` each rank writes ``<stem>.rank<r>-of-<w><suffix>``.
+        distributed: shard prompts over ``torch.distributed`` ranks and all-reduce the sums;
+            default: if a process group is initialised.
+
+    Returns:
+        :class:`Means` with ``mean(group)`` ``[n_layers, n_positions, d_model]`` float64.
+
+    Raises:
+        TypeError / ValueError: bad groups, prompts, positions, layers or arguments.
+    """
+    names, prompt_lists = _check_groups(groups)
+    batch_size = _check_int(batch_size, "batch_size")
+    if checkpoint_every is not None:
+        checkpoint_every = _check_int(checkpoint_every, "checkpoint_every")
+    adapter = get_adapter(model)
+    layer_list = adapter.check_layers(layers, "layers")
+    sm_layers: list[int] = []
+    if second_moment_layers is not None:
+        sm_layers = adapter.check_layers(second_moment_layers, "second_moment_layers")
+        extra = sorted(set(sm_layers) - set(layer_list))
+        if extra:
+            raise ValueError(f"second_moment_layers {extra} are not among the extracted layers {layer_list}")
+    eoi = chat.eoi_tokens(tokenizer, system_prompt)
+    pos_list = _check_positions(positions, list(range(-len(eoi), 0)))
+
+    flat = [p for ps in prompt_lists for p in ps]
+    row_group = [g for g, ps in enumerate(prompt_lists) for _ in ps]
+    lengths = chat.prompt_lengths(tokenizer, flat, system_prompt)
+    shortest = min(lengths)
+    if -pos_list[0] > shortest:
+        i = lengths.index(shortest)
+        raise ValueError(
+            f"position {pos_list[0]} lies before the start of the shortest prompt ({shortest} tokens: "
+            f"group {names[row_group[i]]!r}, prompt {flat[i][:60]!r}); positions must be within "
+            f"[-{shortest}, -1] (end-of-instruction positions are {list(range(-len(eoi), 0))})"
+        )
+    if adapter.model.training:
+        warnings.warn("model is in training mode (dropout active); call model.eval() for reproducible means",
+                      stacklevel=2)
+
+    rank, world = _dist_info(distributed)
+    all_batches = chat.length_buckets(lengths, batch_size)
+    my_batches = all_batches[rank::world]
+
+    P, G = len(pos_list), len(names)
+    meta: dict[str, Any] = {
+        "library_version": library_version(),
+        "model": {
+            "name_or_path": adapter.name_or_path, "arch": adapter.arch, "config_hash": adapter.config_hash,
+            "n_layers": adapter.n_layers, "d_model": adapter.d_model, "dtype": str(adapter.dtype).replace("torch.", ""),
+        },
+        "template": {
+            "sha256": chat.template_fingerprint(tokenizer, system_prompt),
+            "eoi_tokens": [int(t) for t in eoi],
+            "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        },
+        "system_prompt": system_prompt,
+        "prompt_sets": {n: prompt_set_hash(ps) for n, ps in zip(names, prompt_lists)},
+        "prompt_set_hash": "sum of sha256(prompt) mod 2^256 (order-independent, additive under merge)",
+        "accumulate_dtype": "float32 partials per batch, float64 totals",
+        "deterministic": bool(deterministic),
+    }
+    fingerprint = hashlib.sha256(json.dumps({
+        "prompts": {n: _ordered_hash(ps) for n, ps in zip(names, prompt_lists)}, "names": names,
+        "positions": pos_list, "layers": layer_list, "second_moment_layers": sm_layers,
+        "batch_size": batch_size, "system_prompt": system_prompt, "model": meta["model"]["config_hash"],
+        "template": meta["template"]["sha256"], "deterministic": bool(deterministic), "world": world,
+    }, sort_keys=True).encode()).hexdigest()
+    if world > 1:
+        _check_same_args(fingerprint)
+
+    state = _State(len(layer_list), G, P, adapter.d_model, {layer_list.index(l): i for i, l in enumerate(sm_layers)})
+    ckpt_path = _rank_path(Path(checkpoint), rank, world) if checkpoint is not None else None
+    ckpt_info = {"fingerprint": fingerprint, "rank": rank, "world": world, "n_batches": len(my_batches)}
+    every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+    resumed = 0
+    if ckpt_path is not None and ckpt_path.exists():
+        saved, resumed = _load_checkpoint(ckpt_path, fingerprint, len(my_batches))
+        state.load(saved, sm_layers)
+        state.batches_done = resumed
+    last_saved = state.batches_done
+
+    n_my = sum(len(b) for b in my_batches)
+    done_prompts = sum(len(b) for b in my_batches[:state.batches_done])
+    tokens = padded = 0
+    device = adapter.device
+    current: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_my, initial=done_prompts, unit="prompt", desc="extract_means", disable=rank != 0)
+    folding = False
+    try:
+        with torch.inference_mode(), _capture(adapter, layer_list, state, current, deterministic):
+            for bi in range(state.batches_done, len(my_batches)):
+                idx = my_batches[bi]
+                enc = chat.encode_prompts(tokenizer, [flat[i] for i in idx], system_prompt, device=device)
+                current["batch"] = _Batch([row_group[i] for i in idx], P, pos_list)
+                state.zero_partials()
+                try:
+                    adapter.base_model(
+                        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        position_ids=enc["position_ids"], use_cache=False,
+                    )
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError(
+                        f"the forward pass finished without reaching block {layer_list[-1]}; "
+                        "the extraction hooks did not fire (is the model wrapped or compiled?)"
+                    )
+                folding = True
+                state.fold()
+                for i in idx:
+                    state.counts[row_group[i]] += 1
+                state.batches_done = bi + 1
+                folding = False
+                tokens += int(sum(lengths[i] for i in idx))
+                padded += len(idx) * int(enc["input_ids"].shape[1])
+                if bar is not None:
+                    bar.update(len(idx))
+                if ckpt_path is not None and state.batches_done - last_saved >= every:
+                    _save_checkpoint(ckpt_path, state, names, layer_list, pos_list, sm_layers, meta, ckpt_info)
+                    last_saved = state.batches_done
+                if _on_batch is not None:
+                    _on_batch(state.batches_done)
+    except BaseException:
+        if ckpt_path is not None and not folding and state.batches_done > last_saved:
+            _save_checkpoint(ckpt_path, state, names, layer_list, pos_list, sm_layers, meta, ckpt_info)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if ckpt_path is not None and state.batches_done > last_saved:
+        _save_checkpoint(ckpt_path, state, names, layer_list, pos_list, sm_layers, meta, ckpt_info)
+    seconds = time.perf_counter() - t0
+    state_bytes = state.nbytes()
+
+    if world > 1:
+        sums, counts, second = _all_reduce(state, sm_layers)
+    else:
+        sums, counts, second = state.sums(), list(state.counts), state.second_moments(sm_layers)
+    means = Means(sums, counts, names, layer_list, pos_list, meta, second)
+    n_run = n_my - done_prompts
+    means.stats = {
+        "n_batches": len(my_batches), "resumed_batches": resumed, "n_prompts": n_my, "rank": rank, "world": world,
+        "seconds": seconds, "prompts_per_s": n_run / seconds if seconds > 0 else math.inf,
+        "tokens": tokens, "padded_tokens": padded,
+        "padding_fraction": 1 - tokens / padded if padded else 0.0,
+        "accumulator_nbytes": state_bytes,
+    }
+    return means

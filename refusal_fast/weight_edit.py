@@ -1,0 +1,192 @@
+"""Weight orthogonalization: the permanent form of :func:`refusal_fast.ablate`.
+
+Every weight that writes into the residual stream gets its output side projected,
+``W <- W - Q^T Q W`` (``Q`` ``[k, d_model]`` orthonormal rows): the token embedding (and GPT-2's
+position embedding), every attention output projection and every MLP down projection, plus
+their biases. No component along ``Q`` can then enter the residual stream, which is what
+:func:`refusal_fast.ablate` enforces with hooks at every layer. The edited model is an ordinary
+transformers model: ``save_pretrained`` it and load it in any server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .basis import check_width, orthonormalize
+from .models import UnsupportedModelError, get_adapter
+
+__all__ = ["orthogonalize", "OrthogonalizationRecord"]
+
+_CHUNK_ELEMS = 1 << 24  # rows are projected in chunks of about this many elements
+
+
+@dataclass
+class OrthogonalizationRecord:
+    """What :func:`orthogonalize` changed, with the originals needed to undo it.
+
+    Attributes:
+        model: the edited model.
+        basis: ``[k, d_model]`` float64 orthonormal basis that was projected out.
+        edited: names of the edited parameters (as in ``model.named_parameters()``).
+        untied: True if the LM head was untied from the embedding (a copy of the original
+            embedding became ``lm_head.weight`` and ``config.tie_word_embeddings`` was set False).
+        originals: ``{name: original tensor}`` (empty when ``keep_originals=False``).
+    """
+
+    model: nn.Module
+    basis: torch.Tensor
+    edited: list[str] = field(default_factory=list)
+    untied: bool = False
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
+    _tie_state: dict[str, Any] = field(default_factory=dict, repr=False)
+    _undone: bool = False
+
+    def undo(self) -> None:
+        """Restore the original weights bitwise (and re-tie the LM head if it was untied)."""
+        if self._undone:
+            raise RuntimeError("this orthogonalization was already undone")
+        missing = [n for n in self.edited if n not in self.originals]
+        if missing:
+            raise RuntimeError("cannot undo: orthogonalize(..., keep_originals=False) kept no originals")
+        _restore(self)
+        self._undone = True
+
+
+def orthogonalize(model: nn.Module, basis: Any, normalize: bool = True, untie: bool = True,
+                  allow_inexact: bool = False, keep_originals: bool = True) -> OrthogonalizationRecord:
+    """Permanently remove a direction / subspace from everything that writes to the residual stream.
+
+    Edits in place ``W <- W - Q^T Q W`` on the output (residual) side of: the token embedding
+    ``[vocab, d]`` (rows), GPT-2's position embedding, each attention output projection and each
+    MLP down projection (``nn.Linear`` weight ``[d, in]``; GPT-2 ``Conv1D`` weight ``[in, d]``) and
+    their biases ``[d]``. Math in float64 on the CPU, float32 elsewhere, rounded once to the
+    parameter dtype. Logits then match those under ``ablate(model, basis)`` (all layers) up to
+    that rounding.
+
+    Tied embeddings (GPT-2, Gemma2): the embedding matrix is also the unembedding, so editing it
+    would also project the direction out of the *readout* (``logits = norm(h) (E - E Q^T Q)^T``),
+    which ``ablate`` does not do. With ``untie=True`` (default) the LM head becomes a copy of the
+    original embedding first (``config.tie_word_embeddings`` is set False, so ``save_pretrained``
+    writes both matrices and a reload keeps them separate): the result equals ``ablate`` at the
+    cost of one extra ``[vocab, d]`` matrix. With ``untie=False`` the weights stay tied (no extra
+    memory) and the readout changes too.
+
+    Args:
+        model: a supported transformers causal LM.
+        basis: ``[d_model]`` or ``[k, d_model]``, orthonormalised unless ``normalize=False``.
+        untie: see above; ignored for untied models.
+        allow_inexact: architectures with a norm between a sub-layer and the residual add (Gemma2)
+            cannot be orthogonalized exactly (the norm re-creates the component); they raise
+            ValueError unless this is True (then the projections before those norms are edited).
+        keep_originals: keep copies of the edited tensors so :meth:`OrthogonalizationRecord.undo`
+            works (costs their memory); False frees them after a successful edit.
+
+    Returns:
+        an :class:`OrthogonalizationRecord`. If an edit fails midway, everything edited so far
+        is restored before the exception propagates.
+    """
+    ad = get_adapter(model)
+    q = orthonormalize(basis, normalize)
+    check_width(q, ad.d_model)
+    if ad.has_post_sublayer_norms and not allow_inexact:
+        raise ValueError(
+            f"{ad.arch} normalises attention/MLP outputs before adding them to the residual stream, so weight "
+            "orthogonalization cannot remove the direction exactly; use refusal_fast.ablate(...) instead, or pass "
+            "allow_inexact=True to edit the projections anyway"
+        )
+    targets = _targets(ad)
+    names = {id(p): n for n, p in ad.model.named_parameters()}
+    rec = OrthogonalizationRecord(model=ad.model, basis=q)
+    try:
+        if ad.tied and untie:
+            _untie(ad, rec)
+        for param, side in targets:
+            name = names.get(id(param))
+            if name is None:
+                raise UnsupportedModelError(f"{ad.arch}: a residual-writing weight is not a parameter of the model")
+            if name in rec._params:  # shared parameter listed twice
+                continue
+            rec.originals[name] = param.detach().clone()
+            rec._params[name] = param
+            rec.edited.append(name)
+            _edit(param, q, side)
+    except BaseException:
+        _restore(rec)
+        raise
+    if not keep_originals:
+        rec.originals.clear()
+    return rec
+
+
+def _targets(ad) -> list[tuple[nn.Parameter, str]]:
+    """(parameter, side) pairs; side "rows": last dim is d_model, "cols": first dim is d_model."""
+    out: list[tuple[nn.Parameter, str]] = [(ad.embed.weight, "rows")]
+    if ad.pos_embed is not None:
+        out.append((ad.pos_embed.weight, "rows"))
+    for i in range(ad.n_layers):
+        for mod in (ad.attn_out_proj(i), ad.mlp_out_proj(i)):
+            out.append((mod.weight, _weight_side(mod, ad)))
+            if getattr(mod, "bias", None) is not None:
+                out.append((mod.bias, "rows"))
+    for p, side in out:
+        dim = p.shape[-1] if side == "rows" else p.shape[0]
+        if dim != ad.d_model:
+            raise UnsupportedModelError(f"{ad.arch}: residual-writing weight of shape {tuple(p.shape)} has no "
+                                        f"d_model={ad.d_model} dimension on its output side")
+    return out
+
+
+def _weight_side(mod: nn.Module, ad) -> str:
+    if isinstance(mod, nn.Linear):
+        return "cols"  # weight [out = d_model, in]
+    if type(mod).__name__ == "Conv1D":
+        return "rows"  # transformers Conv1D: weight [in, out = d_model]
+    raise UnsupportedModelError(f"{ad.arch}: cannot orthogonalize a {type(mod).__name__} output projection "
+                                "(expected nn.Linear or transformers Conv1D)")
+
+
+@torch.no_grad()
+def _edit(param: nn.Parameter, q64: torch.Tensor, side: str) -> None:
+    w = param.data
+    math_dtype = torch.float64 if w.device.type == "cpu" else torch.float32
+    q = q64.to(device=w.device, dtype=math_dtype)
+    rows = w.unsqueeze(0) if w.dim() == 1 else (w if side == "rows" else w.T)  # [n, d] view
+    step = max(1, _CHUNK_ELEMS // max(1, rows.shape[-1]))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        c = chunk.to(math_dtype)
+        c = c - (c @ q.T) @ q
+        chunk.copy_(c)
+
+
+@torch.no_grad()
+def _restore(rec: OrthogonalizationRecord) -> None:
+    for name, orig in rec.originals.items():
+        rec._params[name].data.copy_(orig)
+    if rec.untied:
+        ad = get_adapter(rec.model)
+        ad.lm_head.weight = ad.embed.weight
+        config = rec.model.config
+        config.tie_word_embeddings = rec._tie_state["config"]
+        if "all_tied_weights_keys" in rec._tie_state:
+            rec.model.all_tied_weights_keys = rec._tie_state["all_tied_weights_keys"]
+        rec.untied = False
+
+
+def _untie(ad, rec: OrthogonalizationRecord) -> None:
+    model = ad.model
+    rec._tie_state["config"] = getattr(model.config, "tie_word_embeddings", True)
+    if hasattr(model, "all_tied_weights_keys"):
+        rec._tie_state["all_tied_weights_keys"] = model.all_tied_weights_keys
+    w = ad.embed.weight
+    rec.untied = True
+    ad.lm_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {
+            k: v for k, v in model.all_tied_weights_keys.items() if not k.endswith("lm_head.weight")
+        }
