@@ -1,6 +1,8 @@
 // Vectorisable row conversion and float32 vector helpers (see common.h).
 #include "common.h"
 
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vector helpers are always inlined
+
 namespace rf {
 
 namespace {
@@ -84,33 +86,52 @@ void add_row(int dtype, const void* src, float* dst, int64_t n) {
   }
 }
 
-RF_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
+namespace {
+// 16-float generic vectors: one zmm on AVX-512, two ymm on AVX2, four xmm otherwise. Explicit
+// partial sums give a fixed summation order (deterministic) without -ffast-math.
+typedef float vf __attribute__((vector_size(64)));
+constexpr int64_t kV = 16;
+
+__attribute__((always_inline)) inline vf ld(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof(vf));
+  return v;
+}
+__attribute__((always_inline)) inline void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(vf)); }
+__attribute__((always_inline)) inline float hsum(vf v) {
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < kV; ++l) s += v[l];
   return s;
 }
-
-RF_MULTIVERSION void axpy(float a, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+}  // namespace
 
 RF_MULTIVERSION void project_rows1(const float* q, int64_t k, int64_t d, float* h, float* c, const float* add,
                                    float alpha) {
+  const int64_t dv = d - d % kV;
   for (int64_t j = 0; j < k; ++j) {
     const float* qj = q + j * d;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < d; ++i) s += qj[i] * h[i];
+    vf a0 = {}, a1 = {};
+    int64_t i = 0;
+    for (; i + 2 * kV <= dv; i += 2 * kV) {
+      a0 += ld(qj + i) * ld(h + i);
+      a1 += ld(qj + i + kV) * ld(h + i + kV);
+    }
+    if (i < dv) a0 += ld(qj + i) * ld(h + i);
+    float s = hsum(a0 + a1);
+    for (i = dv; i < d; ++i) s += qj[i] * h[i];
     c[j] = s;
   }
-  const bool has_add = add != nullptr;
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) {
+  for (int64_t i = 0; i < dv; i += kV) {
+    vf v = ld(h + i);
+    for (int64_t j = 0; j < k; ++j) v -= c[j] * ld(q + j * d + i);
+    if (add != nullptr) v += alpha * ld(add + i);
+    st(h + i, v);
+  }
+  for (int64_t i = dv; i < d; ++i) {
     float v = h[i];
     for (int64_t j = 0; j < k; ++j) v -= c[j] * q[j * d + i];
-    h[i] = has_add ? v + alpha * add[i] : v;
+    if (add != nullptr) v += alpha * add[i];
+    h[i] = v;
   }
 }
 
@@ -124,11 +145,19 @@ RF_MULTIVERSION void project_rows4(const float* q, int64_t k, int64_t d, float* 
   float* c1 = c + k;
   float* c2 = c + 2 * k;
   float* c3 = c + 3 * k;
+  const int64_t dv = d - d % kV;
   for (int64_t j = 0; j < k; ++j) {  // one pass over q_j serves four rows
     const float* qj = q + j * d;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < d; ++i) {
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t i = 0; i < dv; i += kV) {
+      const vf qv = ld(qj + i);
+      a0 += qv * ld(h0 + i);
+      a1 += qv * ld(h1 + i);
+      a2 += qv * ld(h2 + i);
+      a3 += qv * ld(h3 + i);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (int64_t i = dv; i < d; ++i) {
       const float qv = qj[i];
       s0 += qv * h0[i];
       s1 += qv * h1[i];
@@ -140,9 +169,28 @@ RF_MULTIVERSION void project_rows4(const float* q, int64_t k, int64_t d, float* 
     c2[j] = s2;
     c3[j] = s3;
   }
-  const bool has_add = add != nullptr;
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) {
+  for (int64_t i = 0; i < dv; i += kV) {  // rows stay in registers across the k basis vectors
+    vf v0 = ld(h0 + i), v1 = ld(h1 + i), v2 = ld(h2 + i), v3 = ld(h3 + i);
+    for (int64_t j = 0; j < k; ++j) {
+      const vf qv = ld(q + j * d + i);
+      v0 -= c0[j] * qv;
+      v1 -= c1[j] * qv;
+      v2 -= c2[j] * qv;
+      v3 -= c3[j] * qv;
+    }
+    if (add != nullptr) {
+      const vf av = alpha * ld(add + i);
+      v0 += av;
+      v1 += av;
+      v2 += av;
+      v3 += av;
+    }
+    st(h0 + i, v0);
+    st(h1 + i, v1);
+    st(h2 + i, v2);
+    st(h3 + i, v3);
+  }
+  for (int64_t i = dv; i < d; ++i) {
     float v0 = h0[i], v1 = h1[i], v2 = h2[i], v3 = h3[i];
     for (int64_t j = 0; j < k; ++j) {
       const float qv = q[j * d + i];
@@ -151,12 +199,12 @@ RF_MULTIVERSION void project_rows4(const float* q, int64_t k, int64_t d, float* 
       v2 -= c2[j] * qv;
       v3 -= c3[j] * qv;
     }
-    if (has_add) {
-      const float a = alpha * add[i];
-      v0 += a;
-      v1 += a;
-      v2 += a;
-      v3 += a;
+    if (add != nullptr) {
+      const float av = alpha * add[i];
+      v0 += av;
+      v1 += av;
+      v2 += av;
+      v3 += av;
     }
     h0[i] = v0;
     h1[i] = v1;

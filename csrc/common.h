@@ -20,9 +20,13 @@ namespace rf {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Hot loops are compiled for several ISAs; the loader picks the best one (GCC ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RF_MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// Hot loops are compiled for several ISA levels; the loader picks the best one by CPU features
+// (GCC ifunc). Note "arch=<cpu name>" clones would dispatch on the CPU *model* and miss unknown
+// or virtualised CPUs, so feature levels are used.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#define RF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RF_MULTIVERSION
 #endif
@@ -82,8 +86,6 @@ void store_row(int dtype, const float* src, void* dst, int64_t n);
 void add_row(int dtype, const void* src, float* dst, int64_t n);
 
 // ---- float32 vector helpers -----------------------------------------------------------
-float dot(const float* a, const float* b, int64_t n);
-void axpy(float a, const float* x, float* y, int64_t n);  // y += a * x
 // Rank-k projection of R rows h[r*hs .. +d] (R = 1 or 4) held in float32, in place:
 //   c[r][j] = <q_j, h_r>;  h_r -= sum_j c[r][j] q_j;  h_r += alpha * add (if add)
 // q: [k, d] float32 contiguous. c: scratch of R*k floats.

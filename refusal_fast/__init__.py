@@ -36,14 +36,20 @@ _EXPORTS = {
     "add": "refusal_fast.interventions",
     "orthogonalize": "refusal_fast.interventions",
     "orthonormalize": "refusal_fast.interventions",
+    "row_interventions": "refusal_fast.interventions",
+    "OrthogonalizationRecord": "refusal_fast.interventions",
     # evaluation and selection
     "refusal_scores": "refusal_fast.evaluate",
     "kl_divergence": "refusal_fast.evaluate",
+    "last_token_logprobs": "refusal_fast.evaluate",
+    "JudgeRefusalClassifier": "refusal_fast.evaluate",
     "generate_completions": "refusal_fast.evaluate",
     "SubstringRefusalClassifier": "refusal_fast.evaluate",
     "PrefixRefusalClassifier": "refusal_fast.evaluate",
     "evaluate_prompts": "refusal_fast.evaluate",
     "select_direction": "refusal_fast.select",
+    "SelectionResult": "refusal_fast.select",
+    "NoDirectionError": "refusal_fast.select",
     # demo model
     "load_demo_model": "refusal_fast.demo_model",
 }

@@ -23,6 +23,10 @@ mode the Python functions call the implementation directly (lower per-call laten
 When autograd is recording (grad enabled and an input requires grad), the pure-torch path is
 used so autograd sees ordinary in-place ops.
 
+Index ranges are checked with ``aminmax`` (one host sync on CUDA); the last index tensor that
+passed is remembered (weakref + version counter), so reusing one index tensor across the layers
+of a forward checks it once. The kernels additionally ignore out-of-range rows (memory safety).
+
 Basis / add tensors are used as float32 contiguous; pass them that way (cache them) to avoid a
 conversion per call. References (float64, not in place): ``ops.reference.accumulate``,
 ``ops.reference.project``, ``ops.reference.project_rows``.
@@ -103,9 +107,18 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _backend_for(device: torch.device) -> str:
+def _backend_for(t: Tensor) -> str:
+    """Backend for tensors on ``t``'s device (see module docstring)."""
     forced = _forced
-    if device.type == "cpu":
+    if t.is_cuda:
+        if forced == "torch":
+            return "torch"
+        if _HAS_TRITON:
+            return "triton"
+        if forced == "triton":
+            raise RuntimeError("backend 'triton' forced but triton is not installed")
+        return "torch"
+    if t.is_cpu:
         if forced is None:
             return "cpp" if _C is not None else "torch"
         if forced == "cpp":
@@ -118,15 +131,7 @@ def _backend_for(device: torch.device) -> str:
                                    "(set before triton is imported)")
             return "triton"
         return "torch"
-    if device.type == "cuda":
-        if forced == "torch":
-            return "torch"
-        if _HAS_TRITON:
-            return "triton"
-        if forced == "triton":
-            raise RuntimeError("backend 'triton' forced but triton is not installed")
-        return "torch"
-    return "torch"
+    return "torch"  # other devices (mps, xpu, ...): pure torch
 
 
 def backend_info() -> dict:
@@ -137,7 +142,7 @@ def backend_info() -> dict:
     """
     cuda = torch.cuda.is_available()
     try:
-        cpu_backend = _backend_for(torch.device("cpu"))
+        cpu_backend = _backend_for(torch.empty(0))
     except RuntimeError:
         cpu_backend = "torch"
     return {
@@ -311,7 +316,7 @@ def _group_accumulate_impl(acc: Tensor, x: Tensor, index: Tensor, deterministic:
         raise ValueError("acc must have a contiguous last dim (stride 1)")
     _check_expanded(acc, "acc")
     _ACC_RANGE.check(index, 0, R, "index")
-    backend = "torch" if _needs_autograd(acc, x) else _backend_for(acc.device)
+    backend = "torch" if _needs_autograd(acc, x) else _backend_for(acc)
     if backend == "torch":
         _accumulate_torch(acc, x, index, deterministic)
         return
@@ -355,7 +360,8 @@ def group_accumulate_(acc: Tensor, x: Tensor, index: Tensor, deterministic: bool
 
     acc: ``[R, d]`` float32 (last dim contiguous); x: ``[n, d]`` bf16/fp16/fp32; index: ``[n]`` int64
     in ``[0, R)``. ``deterministic=True`` gives a fixed summation order (bit-reproducible); the C++
-    CPU path is always deterministic. ``n == 0`` is a no-op.
+    CPU path is always deterministic. ``n == 0`` is a no-op. On CUDA the index range check costs one
+    host sync per new index tensor.
     """
     if torch.compiler.is_compiling():
         torch.ops.refusal_fast.group_accumulate_(acc, x, index, bool(deterministic))
@@ -407,7 +413,7 @@ def _project_impl(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor], alp
     if _needs_autograd(x, basis, add, residual):
         _project_torch(x, basis, add, alpha, residual)
         return
-    backend = _backend_for(x.device)
+    backend = _backend_for(x)
     if backend == "torch":
         _project_torch(x, basis, add, alpha, residual)
         return
@@ -510,7 +516,7 @@ def _project_rows_impl(x: Tensor, bases: Tensor, index: Tensor, add: Optional[Te
     if _needs_autograd(x, bases, add):
         _project_rows_torch(x, bases, index, add, alpha)
         return
-    backend = _backend_for(x.device)
+    backend = _backend_for(x)
     if backend == "torch":
         _project_rows_torch(x, bases, index, add, alpha)
         return
