@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import make_model, library_hooks
 
 from refusal_fast import interventions as iv
 from refusal_fast.chat import encode_prompts
@@ -30,8 +30,9 @@ def _logits(model, enc):
 
 
 def _no_hooks(model):
+    left = library_hooks(model)
+    assert not left, f"refusal-fast hooks left on the model: {left}"
     for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks, f"hook left on {type(m).__name__}"
         assert "forward" not in m.__dict__, f"patched forward left on {type(m).__name__}"
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import library_hooks
 
 from refusal_fast import chat, datasets
 from refusal_fast.evaluate import refusal_scores
@@ -93,8 +94,10 @@ def test_batched_and_sequential_match_reference(fixture, means_fixture, request,
     # thresholds from the data so that both filters bind (no hard-coded outcome)
     kls = sorted(r[4] for r in finite)
     inds = sorted(r[3] for r in finite)
-    kl_thr = kls[len(kls) * 3 // 4]
-    ind_thr = inds[len(inds) // 4]
+    # midway between two observed values, so float noise cannot move a candidate across a threshold
+    i, j = len(kls) * 3 // 4, len(inds) // 4
+    kl_thr = (kls[i] + kls[i + 1]) / 2
+    ind_thr = (inds[j - 1] + inds[j]) / 2
     n_layers = model.config.num_hidden_layers
     want = _reference_choice(rows, n_layers, 0.2, kl_thr, ind_thr)
     assert want is not None
@@ -132,8 +135,7 @@ def test_zero_candidates_and_no_hooks_left(llama, llama_means, val):
     assert all(r["filtered"] == "zero_vector" and math.isnan(r["bypass"]) for r in res.table if r["layer"] == 0)
     assert all(r["filtered"] == "late_layer" and math.isnan(r["kl"]) for r in res.table if r["layer"] == 2)
     assert res.found and res.layer == 1
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert not library_hooks(model)
     torch.testing.assert_close(refusal_scores(model, tok, harmful_val), before, atol=0, rtol=0)
 
 

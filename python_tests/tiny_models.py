@@ -126,3 +126,20 @@ def make_model(arch: str, tokenizer=None, seed: int = 0, n_layers: int = 3, d_mo
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     return model.to(dtype).eval()
+
+
+def library_hooks(model) -> list[str]:
+    """Forward (pre-)hooks on ``model`` installed by refusal-fast code (not transformers' own).
+
+    transformers v5 keeps persistent output-capturing hooks on decoder layers once
+    ``output_hidden_states`` has been used, so tests look only for hooks whose function
+    comes from a ``refusal_fast`` module.
+    """
+    left = []
+    for name, m in model.named_modules():
+        for fn in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values()):
+            owner = getattr(fn, "__module__", "") or ""
+            bound = getattr(fn, "__self__", None)
+            if owner.startswith("refusal_fast") or type(bound).__module__.startswith("refusal_fast"):
+                left.append(f"{name or type(m).__name__}: {getattr(fn, '__qualname__', fn)}")
+    return left
