@@ -622,7 +622,18 @@ def cmd_demo(args, session: _Session) -> dict:
     t0 = time.perf_counter()
     for i, step in enumerate(steps, 1):
         _say(args, f"demo step {i}/{len(steps)}: {step[0]}")
-        _dispatch(step + common, session)
+        try:
+            _dispatch(step + common, session)
+        except CLIError:
+            if step[0] != "select" or args.kl_threshold is None:
+                raise
+            # No candidate passed the KL filter: say so loudly, keep the filtered table in the
+            # report, and continue with the KL filter off so the newcomer still sees the pipeline.
+            print(f"[refusal-fast] WARNING: no candidate direction passed KL <= {args.kl_threshold}; "
+                  "re-running selection with the KL filter disabled (the chosen direction changes "
+                  "harmless outputs more than the standard procedure allows; see the report)", flush=True)
+            k = step.index("--kl-threshold")
+            _dispatch(step[:k + 1] + ["none"] + step[k + 2:] + common, session)
     path = _dispatch(["report", "--out", args.out], session, quiet=True)["report"]
     ev = read_json(Path(args.out) / "eval.json")  # the summary printed below is read back from the same file
     from .report import eval_summary_rows, format_summary_table
