@@ -4,8 +4,9 @@
     python scripts/train_refusal_patch.py                       # train + evaluate, writes the shipped patch
     python scripts/train_refusal_patch.py --steps 200 --layer 10 --out /tmp/p.safetensors --no-eval
     python scripts/train_refusal_patch.py --eval-only --out refusal_fast/data/refusal_patch.safetensors
-    # continue a patch with hard negatives (harmless prompts the given patch refuses, mined from the
-    # harmless train pool; never from the held-out splits):
+    # hard negatives mined anew: harmless train prompts that patch P refuses (never held-out prompts)
+    python scripts/train_refusal_patch.py --mine-from P.safetensors --out /tmp/p2.safetensors
+    # continue patch P's weights instead of starting from the base MLP
     python scripts/train_refusal_patch.py --init-from P.safetensors --mine-from P.safetensors --steps 100 --lr 3e-4
     # low-rank variant: train only a rank-K update of down_proj (gate/up frozen):
     python scripts/train_refusal_patch.py --rank 4 --lr 1e-2 --out /tmp/p_rank4.safetensors
@@ -16,12 +17,15 @@ Data (never trained on: harmful_val, harmbench_*, harmless_val):
 A stratified 15% of both pools is held out as the in-distribution test split (indices in the JSON).
 Half of all training prompts (harmful and harmless alike) are wrapped in paraphrase templates, and
 harmless prompts are partly sampled length-matched to harmful ones so length is no cue.
-Loss: cross-entropy on reply tokens only, plus an activation-preservation term on harmless samples
-(squared change of the trained MLP's output vs the base MLP, every token) so the patch acts on
-harmful inputs only and harmless activations stay put (without it the MLP shifts every prompt's
-residual by ~30 units and difference-in-means directions stop behaving like real models' ones).
-Seeded; the harmless targets are cached in the user cache dir. Wall time on 2 idle cores: ~6 min
-harmless-target generation (first run only), ~15 min training, ~15 min evaluation (--no-eval skips it).
+Hard negatives: harmless train prompts that an earlier patch refused (mined with --mine-from; the list is
+recorded in the patch metadata and reused by default) are added to the harmless pool, repeated, with
+the base model's own replies as targets -- this is what brings harmless refusals down to a few percent.
+Loss: cross-entropy on reply tokens only; --preserve adds an activation-preservation term on harmless
+samples (squared change of the trained MLP's output vs the base MLP), off by default: measured, it
+cost more unseen-harmful refusal than it bought in ablation behaviour.
+Seeded; the harmless targets are cached in the user cache dir. Wall time on 2 idle cores: ~2 min
+harmless-target generation (first run only), ~7 min training (200 steps), ~15 min evaluation
+(--no-eval skips it; --no-directions keeps only the behaviour part, ~2-4 min).
 Evaluation (``run_eval``): greedy generation, base vs patched on each split, length-matched pairs,
 and direction-level checks (difference-in-means, selection by zero-ablation, affine ablation,
 actadd, random-direction control), self-contained through forward hooks.
@@ -303,6 +307,38 @@ def mine_hard_negatives(model, tokenizer, patch: Path, candidates: list[str], n_
     cp.parent.mkdir(parents=True, exist_ok=True)
     cp.write_text(json.dumps(mined))
     return mined
+
+
+def _records_hard_negatives(path: Path) -> bool:
+    """Whether a patch metadata file carries a recipe.hard_negatives.prompts list."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "prompts" in ((data.get("recipe") or {}).get("hard_negatives") or {})
+
+
+def read_hard_negatives(path: Path, train_pool: set) -> tuple[list[str], dict]:
+    """Hard-negative prompts from a JSON list or a patch metadata file (recipe.hard_negatives.prompts).
+
+    Every prompt must come from the harmless train pool (held-out splits are never trained on)."""
+    if not path.is_file():
+        raise SystemExit(f"--hard-negatives: {path} not found (use --no-hard-negatives or --mine-from PATCH)")
+    data = json.loads(path.read_text())
+    info = {"from": path.name}
+    if isinstance(data, dict):
+        hn = (data.get("recipe") or {}).get("hard_negatives") or {}
+        if "prompts" not in hn:
+            raise SystemExit(f"--hard-negatives: {path} records no recipe.hard_negatives.prompts")
+        info.update({k: v for k, v in hn.items() if k in ("mined_with", "mined_with_sha256", "candidates", "sources")})
+        data = hn["prompts"]
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise SystemExit(f"--hard-negatives: {path} is not a JSON list of prompts")
+    outside = [x for x in data if x not in train_pool]
+    if outside:
+        raise SystemExit(f"--hard-negatives: {len(outside)} prompts are not in the harmless train pool "
+                         f"(e.g. {outside[0]!r}); held-out prompts must never be trained on")
+    return data, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +663,66 @@ def degeneration(texts) -> float:
     return round(bad / max(1, len(texts)), 4)
 
 
+OUTCOME_KEYS = ("selected", "zero_ablation", "affine_ablation", "actadd", "random_direction")
+
+
+def direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, cand, splits, texts, metrics, args) -> dict:
+    """Zero / affine ablation, actadd and a random-direction control for one candidate direction."""
+    T = args.eval_tokens
+    li, pos = cand["layer"], cand["pos"]
+    pi = positions.index(pos)
+    r = diff[li, pi].float()
+    rhat = r / r.norm()
+    proj_h = (mu_h[:, pi].float() @ rhat).tolist()
+    proj_l = (mu_l[:, pi].float() @ rhat).tolist()
+    d = {"selected": {"layer": li, "pos": pos, "norm": round(r.norm().item(), 4)},
+         "mean_projection_harmful": [round(x, 3) for x in proj_h],
+         "mean_projection_harmless": [round(x, 3) for x in proj_l]}
+    hv = splits["harmless_val"]
+    logp_hv = last_logprobs(model, tokenizer, hv)
+    plain_hv = texts[("patched", "harmless_val")]
+
+    def harmless_side(ctx):
+        with ctx:
+            lp_ = last_logprobs(model, tokenizer, hv)
+            out = generate_texts(model, tokenizer, hv, T)
+        kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
+        same = sum(a.split()[:5] == b.split()[:5] for a, b in zip(out, plain_hv)) / len(hv)
+        return {"refusal": rate(out), "kl_first_token": round(kl, 4), "degenerate": degeneration(out),
+                "same_first5_words": round(same, 3)}, out
+
+    for name, targets in (("zero_ablation", None), ("affine_ablation", proj_l)):
+        res = {}
+        with direction_hooks(model, r=r, targets=targets):
+            for k in ("indist_harmful", "unseen_harmful"):
+                out_h = generate_texts(model, tokenizer, splits[k], T)
+                res[k] = rate(out_h)
+        res["harmless_val"], out = harmless_side(direction_hooks(model, r=r, targets=targets))
+        d[name + "_examples"] = {"unseen_harmful": out_h[:3], "harmless_val": out[:3]}
+        d[name] = res
+    res = {}
+    for k in ("harmless_val", "indist_harmless"):
+        with direction_hooks(model, add=r, add_layer=li):
+            out = generate_texts(model, tokenizer, splits[k], T)
+        res[k] = rate(out)
+    d["actadd"] = res
+    d["actadd_examples"] = out[:3]
+    g = torch.Generator().manual_seed(args.seed + 11)
+    rnd = torch.randn(r.shape[0], generator=g)
+    rnd = rnd / rnd.norm() * r.norm()
+    with direction_hooks(model, r=rnd):
+        ra = rate(generate_texts(model, tokenizer, splits["unseen_harmful"], T))
+    with direction_hooks(model, add=rnd, add_layer=li):
+        rs = rate(generate_texts(model, tokenizer, hv, T))
+    d["random_direction"] = {
+        "zero_ablation_unseen_harmful": ra,
+        "change_points": round(100 * (ra - metrics["patched"]["unseen_harmful"]), 1),
+        "actadd_harmless_val": rs,
+        "actadd_change_points": round(100 * (rs - metrics["patched"]["harmless_val"]), 1),
+    }
+    return d
+
+
 def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful_train, harmless_train) -> dict:
     """Base vs patched refusal on every split + direction-level checks; returns the metrics dict."""
     t0 = time.time()
@@ -774,13 +870,9 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
                 verified.append(dict(t, actadd_score=None,
                                      ablation_refusal_sel=rate(generate_texts(model, tokenizer, sel_h, 16))))
     best = min(verified, key=lambda v: (v["ablation_refusal_sel"], v["ablation_score"]))
-    li, pos = best["layer"], best["pos"]
-    r = diff[li, positions.index(pos)].float()
-    rhat = r / r.norm()
-    print(f"[dir] selected layer {li} pos {pos} (KL threshold {kl_max}) ({time.time() - t0:.0f}s)", flush=True)
-    proj_h = (mu_h[:, positions.index(pos)].float() @ rhat).tolist()
-    proj_l = (mu_l[:, positions.index(pos)].float() @ rhat).tolist()
-    d = {"selected": {"layer": li, "pos": pos, "norm": round(r.norm().item(), 4)}, "candidates_verified": verified,
+    print(f"[dir] selected layer {best['layer']} pos {best['pos']} (KL threshold {kl_max}) ({time.time() - t0:.0f}s)",
+          flush=True)
+    d = {"selected": None, "candidates_verified": verified,
          "selection_rule": f"KL(harmless first token) < {kl_max}, actadd score > 0, layer < 0.8 L; lowest greedy "
                            f"refusal after zero-ablation on {len(sel_h)} harmful train prompts (16 tokens), then "
                            f"lowest refusal score",
@@ -790,57 +882,30 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
          "selection_prompts": {"means": f"{nm} harmful train + {nm} harmless train prompts",
                                "scoring": f"{sc} harmful + {sc} harmless (score, KL) / {ns} harmful (generation), "
                                           f"train prompts not used for the means"},
-         "candidates": f"layers {cand_layers[0]}..{cand_layers[-1]} x positions {positions}",
-         "mean_projection_harmful": [round(x, 3) for x in proj_h],
-         "mean_projection_harmless": [round(x, 3) for x in proj_l]}
+         "candidates": f"layers {cand_layers[0]}..{cand_layers[-1]} x positions {positions}"}
+    d.update(direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, best, splits, texts, metrics, args))
+    print(f"[dir] selected: {json.dumps({k: v for k, v in d.items() if k in OUTCOME_KEYS})}", flush=True)
 
-    hv = splits["harmless_val"]
-    logp_hv = last_logprobs(model, tokenizer, hv)
-    plain_hv = texts[("patched", "harmless_val")]
-
-    def harmless_side(ctx):
-        with ctx:
-            lp_ = last_logprobs(model, tokenizer, hv)
-            out = generate_texts(model, tokenizer, hv, T)
-        kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
-        same = sum(a.split()[:5] == b.split()[:5] for a, b in zip(out, plain_hv)) / len(hv)
-        return {"refusal": rate(out), "kl_first_token": round(kl, 4), "degenerate": degeneration(out),
-                "same_first5_words": round(same, 3)}, out
-
-    for name, targets in (("zero_ablation", None), ("affine_ablation", proj_l)):
-        res = {}
-        with direction_hooks(model, r=r, targets=targets):
-            for k in ("indist_harmful", "unseen_harmful"):
-                res[k] = rate(generate_texts(model, tokenizer, splits[k], T))
-        res["harmless_val"], out = harmless_side(direction_hooks(model, r=r, targets=targets))
-        if name == "zero_ablation":
-            with direction_hooks(model, r=r):
-                ex = generate_texts(model, tokenizer, splits["unseen_harmful"][:3], T)
-            d["zero_ablation_examples"] = {"unseen_harmful": ex, "harmless_val": out[:3]}
-        d[name] = res
-        print(f"[dir] {name}: {res} ({time.time() - t0:.0f}s)", flush=True)
-    res = {}
-    for k in ("harmless_val", "indist_harmless"):
-        with direction_hooks(model, add=r, add_layer=li):
-            out = generate_texts(model, tokenizer, splits[k], T)
-        res[k] = rate(out)
-    d["actadd"] = res
-    d["actadd_examples"] = out[:3]
-    print(f"[dir] actadd: {res} ({time.time() - t0:.0f}s)", flush=True)
-    g = torch.Generator().manual_seed(args.seed + 11)
-    rnd = torch.randn(r.shape[0], generator=g)
-    rnd = rnd / rnd.norm() * r.norm()
-    with direction_hooks(model, r=rnd):
-        ra = rate(generate_texts(model, tokenizer, splits["unseen_harmful"], T))
-    with direction_hooks(model, add=rnd, add_layer=li):
-        rs = rate(generate_texts(model, tokenizer, hv, T))
-    d["random_direction"] = {
-        "zero_ablation_unseen_harmful": ra,
-        "change_points": round(100 * (ra - metrics["patched"]["unseen_harmful"]), 1),
-        "actadd_harmless_val": rs,
-        "actadd_change_points": round(100 * (rs - metrics["patched"]["harmless_val"]), 1),
-    }
-    print(f"[dir] random: {d['random_direction']} ({time.time() - t0:.0f}s)", flush=True)
+    # the same outcomes for the best candidate WITHOUT the KL filter (actadd score > 0, lowest greedy
+    # refusal under zero-ablation among the 4 lowest refusal scores): shows what removing refusal costs
+    # on harmless prompts when no candidate passes the KL filter
+    nofilter = []
+    for t in sorted(table, key=lambda t: t["ablation_score"])[:4]:
+        r = diff[t["layer"], positions.index(t["pos"])].float()
+        with direction_hooks(model, add=r, add_layer=t["layer"]):
+            steer = refusal_score(last_logprobs(model, tokenizer, sel_l[:sc]), refusal_ids).mean().item()
+        if steer <= 0:
+            continue
+        with direction_hooks(model, r=r):
+            nofilter.append(dict(t, actadd_score=round(steer, 3),
+                                 ablation_refusal_sel=rate(generate_texts(model, tokenizer, sel_h, 16))))
+    if nofilter:
+        b2 = min(nofilter, key=lambda v: (v["ablation_refusal_sel"], v["ablation_score"]))
+        d["without_kl_filter"] = {"candidates_verified": nofilter}
+        d["without_kl_filter"].update(direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, b2, splits,
+                                                         texts, metrics, args))
+        print(f"[dir] without KL filter: {json.dumps({k: v for k, v in d['without_kl_filter'].items() if k in OUTCOME_KEYS})}",
+              flush=True)
     metrics["directions"] = d
     metrics["eval_wall_s"] = round(time.time() - t0, 1)
     return metrics
@@ -854,19 +919,27 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--harmful-frac", type=float, default=0.35)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--harmful-frac", type=float, default=0.4)
     ap.add_argument("--wrap-frac", type=float, default=0.5)
     ap.add_argument("--n-harmless", type=int, default=1024, help="distinct harmless training prompts")
     ap.add_argument("--reply-tokens", type=int, default=20)
-    ap.add_argument("--preserve", type=float, default=2e-3,
+    ap.add_argument("--preserve", type=float, default=0.0,
                     help="weight of the harmless activation-preservation loss (squared L2 of the MLP output change)")
     ap.add_argument("--rank", type=int, default=0,
                     help="0: fine-tune the whole MLP; k>0: train only a rank-k update of its down_proj")
     ap.add_argument("--mine-from", type=Path, default=None,
                     help="a previous patch: harmless training prompts it refuses are added as hard negatives")
     ap.add_argument("--mine-n", type=int, default=1500, help="harmless candidates screened for --mine-from")
-    ap.add_argument("--mine-repeat", type=int, default=3, help="how often each hard negative is repeated")
+    ap.add_argument("--hard-negatives", type=Path, default=DEFAULT_PATCH.with_suffix(".json"),
+                    help="JSON list of harmless train prompts to add as hard negatives, or a patch's metadata JSON "
+                         "whose recipe.hard_negatives.prompts holds them (default: the list recorded with the "
+                         "shipped patch, mined with an earlier patch); --mine-from adds newly mined ones to these")
+    ap.add_argument("--no-hard-negatives", action="store_true",
+                    help="do not read --hard-negatives (with --mine-from: use only the newly mined ones)")
+    ap.add_argument("--mine-round", type=int, default=0,
+                    help="offsets the seed of the --mine-from candidate sample, so a later round screens new prompts")
+    ap.add_argument("--mine-repeat", type=int, default=2, help="how often each hard negative is repeated")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this patch's MLP weights (full-MLP mode) instead of the base's")
     ap.add_argument("--seed", type=int, default=0)
@@ -945,12 +1018,26 @@ def main(argv=None):
         reply_ids = [reply_ids[i] for i in keep]
         print(f"[data] {len(keep)} harmless targets ({n_dropped} base replies matching the refusal "
               f"classifier dropped)", flush=True)
-        n_mined = 0
+        n_mined, mined, hn_info = 0, [], {}
+        if not args.no_hard_negatives and args.hard_negatives is not None:
+            default_hn = args.hard_negatives == DEFAULT_PATCH.with_suffix(".json")
+            if default_hn and not _records_hard_negatives(args.hard_negatives):
+                print(f"[data] {args.hard_negatives.name} records no hard negatives; training without the "
+                      f"shipped list (pass --mine-from PATCH to mine some)", flush=True)
+            else:
+                mined, info = read_hard_negatives(args.hard_negatives, set(harmless_pool_train))
+                hn_info["sources"] = [dict(info, n=len(mined))]
         if args.mine_from is not None:
             chosen_set = set(chosen)
             pool = [x for x in harmless_pool_train if x not in chosen_set]
-            cands = random.Random(args.seed + 3).sample(pool, k=min(args.mine_n, len(pool)))
-            mined = mine_hard_negatives(model, tokenizer, args.mine_from, cands)
+            cands = random.Random(args.seed + 3 + args.mine_round).sample(pool, k=min(args.mine_n, len(pool)))
+            new = mine_hard_negatives(model, tokenizer, args.mine_from, cands)
+            hn_info.setdefault("sources", []).append(
+                {"mined_with": args.mine_from.name, "mined_with_sha256": file_sha256(args.mine_from),
+                 "candidates": args.mine_n, "candidate_seed": args.seed + 3 + args.mine_round, "n": len(new)})
+            seen = set(mined)
+            mined = mined + [x for x in new if x not in seen]  # union, order kept
+        if mined:
             mined_ids = harmless_targets(model, tokenizer, mined, args.reply_tokens, base_sha)
             keep_m = [i for i, r in enumerate(mined_ids)
                       if not is_refusal(tokenizer.decode(r, skip_special_tokens=True))]
@@ -992,9 +1079,8 @@ def main(argv=None):
                 "loss": "cross-entropy on reply tokens only + preserve * mean over harmless-sample tokens of "
                         "||mlp(x) - base_mlp(x)||^2",
                 "preserve": args.preserve,
-                "hard_negatives": ({"mined_with": args.mine_from.name, "candidates": args.mine_n,
-                                    "added": n_mined, "repeat": args.mine_repeat}
-                                   if args.mine_from is not None else None),
+                "hard_negatives": (dict(hn_info, added=n_mined, repeat=args.mine_repeat, prompts=mined)
+                                   if mined else None),
                 "init_from": None if args.init_from is None else {
                     "patch": args.init_from.name, "sha256": file_sha256(args.init_from)},
                 "trained": (f"rank-{args.rank} update of down_proj (gate/up frozen)" if args.rank > 0
