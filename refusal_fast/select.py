@@ -579,7 +579,9 @@ def _draw_heatmap(result: SelectionResult, path: str | os.PathLike, title: str |
     head = title or "Direction selection"
     chosen = (f"chosen: layer {result.layer}, position {result.position}" if result.found
               else "no candidate survived the filters")
-    fig.suptitle(f"{head} — {chosen}\n(kl <= {p.get('kl_threshold')}, induce >= {p.get('induce_threshold')}, "
+    kl = p.get("kl_threshold")
+    kl_text = "KL filter off" if kl is None else f"kl <= {kl}"
+    fig.suptitle(f"{head} — {chosen}\n({kl_text}, induce >= {p.get('induce_threshold')}, "
                  f"layers < {p.get('layer_cutoff')}; baseline harmful {result.baseline.get('harmful', float('nan')):.3g}, "
                  f"harmless {result.baseline.get('harmless', float('nan')):.3g})", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
