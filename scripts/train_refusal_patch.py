@@ -23,9 +23,11 @@ the base model's own replies as targets -- this is what brings harmless refusals
 Loss: cross-entropy on reply tokens only; --preserve adds an activation-preservation term on harmless
 samples (squared change of the trained MLP's output vs the base MLP), off by default: measured, it
 cost more unseen-harmful refusal than it bought in ablation behaviour.
-Seeded; the harmless targets are cached in the user cache dir. Wall time on 2 idle cores: ~2 min
-harmless-target generation (first run only), ~7 min training (200 steps), ~15 min evaluation
-(--no-eval skips it; --no-directions keeps only the behaviour part, ~2-4 min).
+Seeded; harmless targets and mined lists are cached in the user cache dir. The defaults are the shipped patch's
+recipe (its hard-negative list is read back from the shipped metadata). Wall time measured on 2 cores:
+~3 min harmless-target generation and ~3 min mining (first run only), ~11 min training (200 steps); evaluation
+~8 min for the behaviour part at --eval-n 200 (--no-directions), ~45 min with the direction checks
+(--no-eval skips it).
 Evaluation (``run_eval``): greedy generation, base vs patched on each split, length-matched pairs,
 and direction-level checks (difference-in-means, selection by zero-ablation, affine ablation,
 actadd, random-direction control), self-contained through forward hooks.
