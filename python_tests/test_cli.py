@@ -251,6 +251,28 @@ def test_demo_quick_on_tiny_model(env, capsys):
     assert "Persona" in html and "not run" in html  # persona is off by default in the demo
 
 
+def test_demo_falls_back_without_kl_filter_without_rescoring(env, capsys, monkeypatch):
+    """No candidate passes the KL filter: the demo warns, then re-picks from the same scores with it off."""
+    import refusal_fast.select as sel
+
+    calls = []
+    real = sel.select_direction
+    monkeypatch.setattr(sel, "select_direction", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out_dir = env / "demo_fallback"
+    code = cli.main(["demo", "--quick", "--model", str(env / "tiny"), "--out", str(out_dir), "--no-progress",
+                     "--batch-size", "8", "--kl-threshold=-1", "--induce-threshold", "none", "--skip-categories"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "WARNING: no candidate direction passed KL <= -1.0" in out
+    assert len(calls) == 1  # scored once
+    res = json.loads((out_dir / "selection.json").read_text())
+    assert res["params"]["kl_threshold"] is None
+    ok = [r for r in res["table"] if r["filtered"] is None]
+    assert ok and (res["layer"], res["position"]) == min(((r["bypass"], r["layer"], r["position"]) for r in ok))[1:]
+    ev = json.loads((out_dir / "eval.json").read_text())
+    assert (ev["direction"]["layer"], ev["direction"]["position"]) == (res["layer"], res["position"])
+
+
 # ---------------------------------------------------------------------------------- errors
 
 

@@ -186,6 +186,33 @@ def test_json_roundtrip_and_heatmap(gpt2, gpt2_means, val, tmp_path):
     assert "'" in "".join(res.position_labels)  # positions labelled with their eoi token
 
 
+def test_refilter_equals_selecting_with_those_filters(gpt2, gpt2_means, val):
+    """Re-applying filters to stored scores gives what a fresh select_direction with them gives."""
+    model, tok = gpt2
+    harmful_val, harmless_val = val
+    strict = select_direction(model, tok, gpt2_means, harmful_val, harmless_val, kl_threshold=-1.0,
+                              induce_threshold=None, progress=False, raise_if_none=False)
+    assert not strict.found and {r["filtered"] for r in strict.table} <= {"kl", "late_layer"}
+    fresh = select_direction(model, tok, gpt2_means, harmful_val, harmless_val, kl_threshold=None,
+                             induce_threshold=None, progress=False)
+    re = strict.refilter(gpt2_means, kl_threshold=None)
+    assert (re.layer, re.position) == (fresh.layer, fresh.position)
+    assert [r["filtered"] for r in re.table] == [r["filtered"] for r in fresh.table]
+    torch.testing.assert_close(re.raw, fresh.raw)
+    torch.testing.assert_close(re.direction, fresh.direction)
+    assert re.params["kl_threshold"] is None and re.params["induce_threshold"] is None
+    assert strict.params["kl_threshold"] == -1.0  # the original is untouched
+    # omitted filters keep their values; a filter that removes everything raises as select_direction does
+    with pytest.raises(NoDirectionError):
+        re.refilter(gpt2_means, kl_threshold=-1.0)
+    assert not re.refilter(gpt2_means, prune_last_frac=1.0, raise_if_none=False).found
+    # after a JSON round trip too, and only with the means that were scored
+    with pytest.raises(ValueError, match="do not match"):
+        strict.refilter(gpt2_means.diff("harmful", "harmless") * 2, kl_threshold=None)
+    with pytest.raises(ValueError, match="kl_threshold"):
+        strict.refilter(gpt2_means, kl_threshold=float("nan"))
+
+
 def test_filter_reason_rules():
     assert filter_reason(math.nan, 0, 0, 0, 10) == "nan"
     # int(n_layers * (1 - frac)) as in the reference: 3 layers -> layer 2 pruned; 32 layers -> 25..31

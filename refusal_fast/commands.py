@@ -238,6 +238,12 @@ def cmd_select(args, session: _Session) -> dict:
         exc.result.heatmap(out / "selection_heatmap.png")
         raise CLIError(f"{exc}\n(the score table and heatmap were written to {out}; on the command line relax "
                        f"a filter with --kl-threshold / --induce-threshold / --prune-last-frac, 'none' disables it)") from None
+    _write_selection(args, out, result)
+    return {"model": model, "selection": result}
+
+
+def _write_selection(args, out: Path, result) -> None:
+    """selection.json, selection_heatmap.png and direction.safetensors of a chosen direction."""
     result.to_json(out / "selection.json")
     result.heatmap(out / "selection_heatmap.png", title=f"Direction selection: {args.model}")
     save_direction(out / "direction.safetensors", result.raw,
@@ -245,7 +251,22 @@ def cmd_select(args, session: _Session) -> dict:
                     "model": args.model})
     _say(args, f"selected layer {result.layer}, position {result.position}: {result!r}")
     _say(args, f"wrote {out / 'selection.json'}, {out / 'selection_heatmap.png'}, {out / 'direction.safetensors'}")
-    return {"model": model, "selection": result}
+
+
+def _select_without_kl_filter(args, session: _Session) -> None:
+    """Re-pick the direction from the scores ``select`` just wrote, with the KL filter off (no re-scoring)."""
+    from .extract import Means
+    from .select import NoDirectionError, SelectionResult
+
+    out = _out(args)
+    model, _ = session.model(args)
+    scored = SelectionResult.from_json(out / "selection.json")
+    means = Means.load(out / "means.safetensors", model=model)
+    try:
+        result = scored.refilter(means, kl_threshold=None)
+    except NoDirectionError as exc:
+        raise CLIError(f"{exc}\n(even with the KL filter off)") from None
+    _write_selection(args, out, result)
 
 
 def _eval_classifiers(primary: str):
@@ -627,13 +648,12 @@ def cmd_demo(args, session: _Session) -> dict:
         except CLIError:
             if step[0] != "select" or args.kl_threshold is None:
                 raise
-            # No candidate passed the KL filter: say so loudly, keep the filtered table in the
-            # report, and continue with the KL filter off so the newcomer still sees the pipeline.
+            # No candidate passed the KL filter: say so loudly, and re-pick from the same scores with
+            # the KL filter off (no re-scoring) so the newcomer still sees the pipeline.
             print(f"[refusal-fast] WARNING: no candidate direction passed KL <= {args.kl_threshold}; "
-                  "re-running selection with the KL filter disabled (the chosen direction changes "
+                  "choosing from the same scores with the KL filter disabled (the chosen direction changes "
                   "harmless outputs more than the standard procedure allows; see the report)", flush=True)
-            k = step.index("--kl-threshold")
-            _dispatch(step[:k + 1] + ["none"] + step[k + 2:] + common, session)
+            _select_without_kl_filter(args, session)
     path = _dispatch(["report", "--out", args.out], session, quiet=True)["report"]
     ev = read_json(Path(args.out) / "eval.json")  # the summary printed below is read back from the same file
     from .report import eval_summary_rows, format_summary_table

@@ -41,6 +41,7 @@ from .models import get_adapter
 __all__ = ["select_direction", "SelectionResult", "NoDirectionError", "filter_reason", "METRICS"]
 
 METRICS = ("bypass", "induce", "kl")
+_UNSET = object()  # "keep the current value" for SelectionResult.refilter
 _BYPASS, _INDUCE, _KL = 0, 1, 2
 
 
@@ -157,6 +158,57 @@ class SelectionResult:
         vec = (lambda v: None if v is None else torch.tensor(v, dtype=torch.float64))
         return cls(d["layer"], d["position"], vec(d["direction"]), vec(d["raw"]), table, d["layers"],
                    d["positions"], d["n_layers"], d["baseline"], d["params"], d.get("position_labels") or [])
+
+    def refilter(self, candidates: Any, *, kl_threshold: Any = _UNSET, induce_threshold: Any = _UNSET,
+                 prune_last_frac: Any = _UNSET, groups: Sequence[str] = ("harmful", "harmless"),
+                 raise_if_none: bool = True) -> "SelectionResult":
+        """The same scores under other filters, without re-scoring any candidate.
+
+        Args:
+            candidates: the Means (or ``[L, P, d_model]`` tensor) that :func:`select_direction` scored;
+                needed for the chosen candidate's vector. Checked against the stored vector norms.
+            kl_threshold, induce_threshold, prune_last_frac: new filter values (None disables one);
+                omitted ones keep this result's values.
+            raise_if_none: as in :func:`select_direction`.
+
+        Returns:
+            a new :class:`SelectionResult` (table ``filtered`` reasons recomputed, chosen candidate re-picked).
+        """
+        p = dict(self.params)
+        for name, v in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold),
+                        ("prune_last_frac", prune_last_frac)):
+            if v is not _UNSET:
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
+                    raise ValueError(f"{name} must be a number or None, got {v!r}")
+                p[name] = v
+        if p["prune_last_frac"] is not None and not 0.0 <= float(p["prune_last_frac"]) <= 1.0:
+            raise ValueError(f"prune_last_frac must be in [0, 1] or None, got {p['prune_last_frac']!r}")
+        p["layer_cutoff"] = (None if p["prune_last_frac"] is None
+                             else int(self.n_layers * (1.0 - p["prune_last_frac"])))
+        d_model = (candidates if isinstance(candidates, torch.Tensor) else candidates.diff(*groups)).shape[-1]
+        raw, _, _, _, _ = _candidates(candidates, self.layers, self.positions, tuple(groups), self.n_layers, d_model)
+        norms = torch.linalg.vector_norm(raw, dim=-1)
+        stored = torch.tensor([r["norm"] for r in self.table], dtype=torch.float64)
+        if norms.shape != stored.shape or not torch.allclose(norms, stored, rtol=1e-6, atol=1e-9):
+            raise ValueError("candidates do not match this selection result (different means or layers/positions)")
+        table = []
+        for r in self.table:
+            reason = filter_reason(r["bypass"], r["induce"], r["kl"], r["layer"], self.n_layers,
+                                   p["prune_last_frac"], p["kl_threshold"], p["induce_threshold"])
+            if r["filtered"] == "zero_vector" or (reason == "nan" and r["filtered"] == "late_layer"):
+                reason = r["filtered"]  # never scored: keep why
+            table.append(dict(r, filtered=reason))
+        survivors = [c for c, r in enumerate(table) if r["filtered"] is None]
+        if not survivors:
+            result = SelectionResult(None, None, None, None, table, self.layers, self.positions, self.n_layers,
+                                     self.baseline, p, self.position_labels)
+            if raise_if_none:
+                raise NoDirectionError(_none_message(result), result)
+            return result
+        best = min(survivors, key=lambda c: table[c]["bypass"])  # ties: first in (layer, position) order
+        return SelectionResult(table[best]["layer"], table[best]["position"], raw[best] / norms[best],
+                               raw[best].clone(), table, self.layers, self.positions, self.n_layers, self.baseline,
+                               p, self.position_labels)
 
     def heatmap(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """PNG with three panels (bypass, induce, KL) over layers x positions.
