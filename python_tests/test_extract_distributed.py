@@ -1,4 +1,5 @@
 """extract_means under torch.distributed: 2 CPU processes (gloo) give the single-process result."""
+import datetime
 import os
 import socket
 
@@ -34,7 +35,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from refusal_fast.extract import extract_means
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         tok = make_tokenizer("chatml")
         model = make_model("llama", tok)
@@ -54,6 +56,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             err = str(exc)
         with open(os.path.join(out_dir, f"err{rank}.txt"), "w") as f:
             f.write(err)
+        # both ranks done before either tears gloo down: a rank that destroys its group while the
+        # peer's last exchange is in flight makes gloo abort the peer ("terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
