@@ -178,11 +178,8 @@ class SelectionResult:
         for name, v in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold),
                         ("prune_last_frac", prune_last_frac)):
             if v is not _UNSET:
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
-                    raise ValueError(f"{name} must be a number or None, got {v!r}")
                 p[name] = v
-        if p["prune_last_frac"] is not None and not 0.0 <= float(p["prune_last_frac"]) <= 1.0:
-            raise ValueError(f"prune_last_frac must be in [0, 1] or None, got {p['prune_last_frac']!r}")
+        _check_filters(p["prune_last_frac"], p["kl_threshold"], p["induce_threshold"])
         p["layer_cutoff"] = (None if p["prune_last_frac"] is None
                              else int(self.n_layers * (1.0 - p["prune_last_frac"])))
         d_model = (candidates if isinstance(candidates, torch.Tensor) else candidates.diff(*groups)).shape[-1]
@@ -198,17 +195,8 @@ class SelectionResult:
             if r["filtered"] == "zero_vector" or (reason == "nan" and r["filtered"] == "late_layer"):
                 reason = r["filtered"]  # never scored: keep why
             table.append(dict(r, filtered=reason))
-        survivors = [c for c, r in enumerate(table) if r["filtered"] is None]
-        if not survivors:
-            result = SelectionResult(None, None, None, None, table, self.layers, self.positions, self.n_layers,
-                                     self.baseline, p, self.position_labels)
-            if raise_if_none:
-                raise NoDirectionError(_none_message(result), result)
-            return result
-        best = min(survivors, key=lambda c: table[c]["bypass"])  # ties: first in (layer, position) order
-        return SelectionResult(table[best]["layer"], table[best]["position"], raw[best] / norms[best],
-                               raw[best].clone(), table, self.layers, self.positions, self.n_layers, self.baseline,
-                               p, self.position_labels)
+        return _choose(table, raw, norms, self.layers, self.positions, self.n_layers, self.baseline, p,
+                       self.position_labels, raise_if_none)
 
     def heatmap(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """PNG with three panels (bypass, induce, KL) over layers x positions.
@@ -477,11 +465,7 @@ def select_direction(model, tokenizer, candidates: Any, harmful_val: Sequence[st
     batch_size = _check_batch_size(batch_size)
     if isinstance(candidates_per_pass, bool) or not isinstance(candidates_per_pass, int) or candidates_per_pass < 1:
         raise ValueError(f"candidates_per_pass must be a positive int, got {candidates_per_pass!r}")
-    if prune_last_frac is not None and not 0.0 <= float(prune_last_frac) <= 1.0:
-        raise ValueError(f"prune_last_frac must be in [0, 1] or None, got {prune_last_frac!r}")
-    for name, v in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
-            raise ValueError(f"{name} must be a number or None, got {v!r}")
+    _check_filters(prune_last_frac, kl_threshold, induce_threshold)
     ad = get_adapter(model)
     raw, cand_layers, cand_pos, grid_layers, grid_pos = _candidates(
         candidates, layers, positions, tuple(groups), ad.n_layers, ad.d_model)
@@ -521,17 +505,32 @@ def select_direction(model, tokenizer, candidates: Any, harmful_val: Sequence[st
         "batched": bool(batched), "batch_size": batch_size, "candidates_per_pass": candidates_per_pass,
         "system_prompt": system_prompt, "model": ad.name_or_path, "config_hash": ad.config_hash,
     }
-    survivors = [c for c, r in enumerate(table) if r["filtered"] is None]
     labels = _position_labels(tokenizer, grid_pos, system_prompt)
+    return _choose(table, raw, norms, grid_layers, grid_pos, ad.n_layers, baseline, params, labels, raise_if_none)
+
+
+def _check_filters(prune_last_frac, kl_threshold, induce_threshold) -> None:
+    """Clear errors for bad selection filter values (each may be None to disable it)."""
+    if prune_last_frac is not None and not 0.0 <= float(prune_last_frac) <= 1.0:
+        raise ValueError(f"prune_last_frac must be in [0, 1] or None, got {prune_last_frac!r}")
+    for name, v in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
+            raise ValueError(f"{name} must be a number or None, got {v!r}")
+
+
+def _choose(table, raw, norms, grid_layers, grid_pos, n_layers, baseline, params, labels,
+            raise_if_none) -> SelectionResult:
+    """The lowest-bypass unfiltered row of ``table`` as a :class:`SelectionResult` (raw ``[C, d]``, norms ``[C]``)."""
+    survivors = [c for c, r in enumerate(table) if r["filtered"] is None]
     if not survivors:
-        result = SelectionResult(None, None, None, None, table, grid_layers, grid_pos, ad.n_layers, baseline,
+        result = SelectionResult(None, None, None, None, table, grid_layers, grid_pos, n_layers, baseline,
                                  params, labels)
         if raise_if_none:
             raise NoDirectionError(_none_message(result), result)
         return result
     best = min(survivors, key=lambda c: table[c]["bypass"])  # ties: first in (layer, position) order
-    return SelectionResult(cand_layers[best], cand_pos[best], unit[best].clone(), raw[best].clone(), table,
-                           grid_layers, grid_pos, ad.n_layers, baseline, params, labels)
+    return SelectionResult(table[best]["layer"], table[best]["position"], raw[best] / norms[best], raw[best].clone(),
+                           table, grid_layers, grid_pos, n_layers, baseline, params, labels)
 
 
 def _none_message(result: SelectionResult) -> str:

@@ -311,19 +311,11 @@ def mine_hard_negatives(model, tokenizer, patch: Path, candidates: list[str], n_
     return mined
 
 
-def _records_hard_negatives(path: Path) -> bool:
-    """Whether a patch metadata file carries a recipe.hard_negatives.prompts list."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "prompts" in ((data.get("recipe") or {}).get("hard_negatives") or {})
-
-
-def read_hard_negatives(path: Path, train_pool: set) -> tuple[list[str], dict]:
+def read_hard_negatives(path: Path, train_pool: set, missing_ok: bool = False) -> tuple[list[str] | None, dict]:
     """Hard-negative prompts from a JSON list or a patch metadata file (recipe.hard_negatives.prompts).
 
-    Every prompt must come from the harmless train pool (held-out splits are never trained on)."""
+    Every prompt must come from the harmless train pool (held-out splits are never trained on).
+    ``missing_ok``: a metadata file that records no list gives ``(None, info)`` instead of an error."""
     if not path.is_file():
         raise SystemExit(f"--hard-negatives: {path} not found (use --no-hard-negatives or --mine-from PATCH)")
     data = json.loads(path.read_text())
@@ -331,6 +323,8 @@ def read_hard_negatives(path: Path, train_pool: set) -> tuple[list[str], dict]:
     if isinstance(data, dict):
         hn = (data.get("recipe") or {}).get("hard_negatives") or {}
         if "prompts" not in hn:
+            if missing_ok:
+                return None, info
             raise SystemExit(f"--hard-negatives: {path} records no recipe.hard_negatives.prompts")
         info.update({k: v for k, v in hn.items() if k in ("mined_with", "mined_with_sha256", "candidates", "sources")})
         data = hn["prompts"]
@@ -1023,11 +1017,12 @@ def main(argv=None):
         n_mined, mined, hn_info = 0, [], {}
         if not args.no_hard_negatives and args.hard_negatives is not None:
             default_hn = args.hard_negatives == DEFAULT_PATCH.with_suffix(".json")
-            if default_hn and not _records_hard_negatives(args.hard_negatives):
+            listed, info = read_hard_negatives(args.hard_negatives, set(harmless_pool_train), missing_ok=default_hn)
+            if listed is None:
                 print(f"[data] {args.hard_negatives.name} records no hard negatives; training without the "
                       f"shipped list (pass --mine-from PATCH to mine some)", flush=True)
             else:
-                mined, info = read_hard_negatives(args.hard_negatives, set(harmless_pool_train))
+                mined = listed
                 hn_info["sources"] = [dict(info, n=len(mined))]
         if args.mine_from is not None:
             chosen_set = set(chosen)
