@@ -659,6 +659,41 @@ def degeneration(texts) -> float:
     return round(bad / max(1, len(texts)), 4)
 
 
+def random_controls(model, tokenizer, r, layer, splits, logp_hv, metrics, args, n_seeds: int = 3) -> dict:
+    """Random-direction nulls for direction ``r`` [d]: zero-ablation on unseen harmful prompts (refusal change) and
+    on harmless_val (first-token KL), for isotropic random directions and for random directions matched to ``r`` on
+    the model's massive-activation coordinates (refusal_fast.analysis.outliers); actadd of one isotropic one."""
+    from refusal_fast.analysis import massive_activation_dims, random_like
+
+    T = args.eval_tokens
+    hv, plain_un = splits["harmless_val"], metrics["patched"]["unseen_harmful"]
+    scan = massive_activation_dims(model, tokenizer, hv[:8])
+    rhat = (r / r.norm()).double()
+    out = {"massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
+           "direction_weight_on_dims": [round(float(rhat[c]), 4) for c in scan.dims], "seeds": [],
+           "isotropic": [], "matched": []}
+    for i in range(n_seeds):
+        seed = args.seed + 11 + i
+        out["seeds"].append(seed)
+        for kind, md in (("isotropic", None), ("matched", scan.dims)):
+            rnd = random_like(r.double(), seed, match_dims=md).float()
+            with direction_hooks(model, r=rnd):
+                ra = rate(generate_texts(model, tokenizer, splits["unseen_harmful"], T))
+                lp_ = last_logprobs(model, tokenizer, hv)
+            kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
+            out[kind].append({"unseen_harmful": ra, "change_points": round(100 * (ra - plain_un), 1),
+                              "kl_first_token_harmless_val": round(kl, 4),
+                              "weight_on_dims": [round(float(rnd[c] / rnd.norm()), 4) for c in scan.dims]})
+    for kind in ("isotropic", "matched"):
+        out[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in out[kind])
+    rnd = random_like(r.double(), args.seed + 11).float()
+    with direction_hooks(model, add=rnd, add_layer=layer):
+        rs = rate(generate_texts(model, tokenizer, hv, T))
+    out["actadd_harmless_val"] = rs
+    out["actadd_change_points"] = round(100 * (rs - metrics["patched"]["harmless_val"]), 1)
+    return out
+
+
 OUTCOME_KEYS = ("selected", "zero_ablation", "affine_ablation", "actadd", "random_direction")
 
 
@@ -703,19 +738,7 @@ def direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, cand, spli
         res[k] = rate(out)
     d["actadd"] = res
     d["actadd_examples"] = out[:3]
-    g = torch.Generator().manual_seed(args.seed + 11)
-    rnd = torch.randn(r.shape[0], generator=g)
-    rnd = rnd / rnd.norm() * r.norm()
-    with direction_hooks(model, r=rnd):
-        ra = rate(generate_texts(model, tokenizer, splits["unseen_harmful"], T))
-    with direction_hooks(model, add=rnd, add_layer=li):
-        rs = rate(generate_texts(model, tokenizer, hv, T))
-    d["random_direction"] = {
-        "zero_ablation_unseen_harmful": ra,
-        "change_points": round(100 * (ra - metrics["patched"]["unseen_harmful"]), 1),
-        "actadd_harmless_val": rs,
-        "actadd_change_points": round(100 * (rs - metrics["patched"]["harmless_val"]), 1),
-    }
+    d["random_direction"] = random_controls(model, tokenizer, r, li, splits, logp_hv, metrics, args)
     return d
 
 

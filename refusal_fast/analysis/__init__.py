@@ -3,12 +3,14 @@
 - :mod:`.categories`: per-category refusal directions, cosine geometry, PCA, cross-category
   and rank-k subspace ablation (each with a seeded random-direction null).
 - :mod:`.persona`: persona direction, steering sweep, late refusal re-add, window knockout.
+- :mod:`.outliers`: massive-activation coordinates (match them in random-direction controls).
 - :mod:`.plots`: matplotlib (Agg) figures of every result.
 
 Every result is a dataclass with ``to_dict()`` / ``to_json(path)`` (NaN -> null).
 """
 from ._common import (EvalConfig, JSONResult, degeneration_rate, degeneration_stats, derive_seed, random_basis,
                       random_like)
+from .outliers import MassiveActivations, massive_activation_dims
 from .categories import (GLOBAL, CategoryDirections, CosineResult, CrossAblationResult, PCAResult,
                          SubspaceAblationResult, category_directions, category_pca, cosine_similarity,
                          cross_ablation, default_layer, split_prompts, subspace_ablation)
@@ -18,7 +20,7 @@ from .persona import (DEFAULT_PERSONA_PROMPTS, KnockoutResult, PersonaDirection,
 
 __all__ = [
     "EvalConfig", "JSONResult", "degeneration_rate", "degeneration_stats", "derive_seed", "random_like",
-    "random_basis",
+    "random_basis", "MassiveActivations", "massive_activation_dims",
     "GLOBAL", "CategoryDirections", "CosineResult", "PCAResult", "CrossAblationResult", "SubspaceAblationResult",
     "category_directions", "cosine_similarity", "category_pca", "cross_ablation", "subspace_ablation",
     "default_layer", "split_prompts",

@@ -112,15 +112,19 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-def random_like(vectors: torch.Tensor, seed: int) -> torch.Tensor:
+def random_like(vectors: torch.Tensor, seed: int, match_dims: Sequence[int] | None = None) -> torch.Tensor:
     """Gaussian random directions with the same norm as each row of ``vectors``.
 
     Args:
         vectors: ``[d]`` or ``[k, d]``.
         seed: generator seed (same seed -> same output).
+        match_dims: coordinates copied from ``vectors`` instead of drawn (e.g. the massive-activation
+            dims of :func:`refusal_fast.analysis.massive_activation_dims`); the other coordinates
+            are a random direction of the remaining norm. ``None``: isotropic.
 
     Returns:
-        float64 tensor with the shape of ``vectors``; row ``i`` has norm ``|vectors[i]|``.
+        float64 tensor with the shape of ``vectors``; row ``i`` has norm ``|vectors[i]|`` (and, with
+        ``match_dims``, the same entries there).
     """
     v = torch.as_tensor(vectors).detach().to("cpu", torch.float64)
     if v.dim() not in (1, 2) or v.shape[-1] == 0:
@@ -128,7 +132,20 @@ def random_like(vectors: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     r = torch.randn(v.shape, generator=g, dtype=torch.float64)
     norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return r / torch.linalg.vector_norm(r, dim=-1, keepdim=True) * norms
+    if match_dims is None:
+        return r / torch.linalg.vector_norm(r, dim=-1, keepdim=True) * norms
+    d = v.shape[-1]
+    idx = sorted({int(i) for i in match_dims})
+    if any(not 0 <= i < d for i in idx):
+        raise ValueError(f"match_dims must be coordinates in [0, {d}), got {list(match_dims)}")
+    if len(idx) >= d:
+        raise ValueError("match_dims covers every coordinate: nothing left to randomise")
+    keep = torch.zeros(d, dtype=torch.bool)
+    keep[idx] = True
+    fixed = torch.where(keep, v, torch.zeros_like(v))
+    free = torch.where(keep, torch.zeros_like(r), r)
+    rest = (norms.square() - fixed.square().sum(-1, keepdim=True)).clamp(min=0).sqrt()
+    return fixed + free / torch.linalg.vector_norm(free, dim=-1, keepdim=True) * rest
 
 
 def random_basis(k: int, d: int, seed: int) -> torch.Tensor:
