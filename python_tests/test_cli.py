@@ -352,3 +352,40 @@ def test_int_list_parsing():
     assert cli._int_list("1,4,7") == [1, 4, 7]
     assert cli._int_list("10:13") == [10, 11, 12]
     assert cli._int_list("0:10:5,-1") == [0, 5, -1]
+
+
+def test_eval_matched_random_control(env, pipeline):
+    """--random-control matched: random_ablate's direction copies the selected direction on the model's
+    massive-activation coordinates (planted here) and equals a direct computation."""
+    from refusal_fast.analysis import random_like
+    from refusal_fast.commands import _load_any_direction
+    from refusal_fast.interventions import ablate
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(env / "tiny").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(env / "tiny")
+    planted = 13
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, planted] = 5000.0
+    model.save_pretrained(env / "tiny_massive")
+    tok.save_pretrained(env / "tiny_massive")
+    c = _common(env, "run_matched")
+    c[1] = env / "tiny_massive"
+    code, _ = _run(["eval", *c, "--harmful", env / "harmful.json", "--harmless", env / "harmless.json",
+                    "--n-harmful", "6", "--n-harmless", "5", "--max-new-tokens", "3", "--conditions",
+                    "baseline,random_ablate", "--random-control", "matched",
+                    "--direction", env / "run" / "selection.json"])
+    assert code == 0
+    ev = json.loads((env / "run_matched" / "eval.json").read_text())
+    assert ev["random_control"]["kind"] == "matched" and ev["random_control"]["seed"] == 0
+    assert ev["random_control"]["massive_activation_dims"] == [planted]
+    d = _load_any_direction(env / "run" / "selection.json")
+    rows = load_dataset(str(env / "harmful.json"), 6, 0)
+    with ablate(model, random_like(d["direction"], 0, match_dims=[planted])):
+        direct = refusal_scores(model, tok, [r["instruction"] for r in rows]).mean().item()
+    got = ev["conditions"]["random_ablate"]["harmful"]["mean_refusal_score"]
+    assert got == pytest.approx(direct, rel=1e-5, abs=1e-6)
+    with ablate(model, random_like(d["direction"], 0)):
+        iso = refusal_scores(model, tok, [r["instruction"] for r in rows]).mean().item()
+    assert iso != pytest.approx(direct, rel=1e-5, abs=1e-6)  # the massive coordinate makes them differ

@@ -369,6 +369,10 @@ def _add_eval_args(p: argparse.ArgumentParser, conditions: str) -> None:
                    help="refusal classifier defining the refusal rate (the other is reported too)")
     g.add_argument("--n-examples", type=int, default=3, metavar="N",
                    help="example completions per split kept in eval.json for the report")
+    g.add_argument("--random-control", default="isotropic", choices=["isotropic", "matched"],
+                   help="random_ablate's direction: isotropic Gaussian, or 'matched': equal to the direction on the "
+                        "model's massive-activation coordinates (attention-sink values; analysis.outliers) and random "
+                        "elsewhere, so the control does not disturb the sink")
 
 
 def _add_categories_args(p: argparse.ArgumentParser) -> None:

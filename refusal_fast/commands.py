@@ -309,11 +309,20 @@ def cmd_eval(args, session: _Session) -> dict:
         "harmless": load_dataset(args.harmless, args.n_harmless, args.seed, "--harmless"),
     }
     rnd_seed = args.seed
+    match_dims, random_info = None, {"kind": getattr(args, "random_control", "isotropic"), "seed": rnd_seed}
+    if "random_ablate" in conds and random_info["kind"] == "matched":
+        from .analysis import massive_activation_dims
+
+        scan = massive_activation_dims(model, tok, _texts(splits["harmless"])[:8], batch_size=args.batch_size,
+                                       system_prompt=args.system_prompt)
+        match_dims = scan.dims
+        random_info.update(massive_activation_dims=scan.dims, massive_max_abs=scan.max_abs)
+        _say(args, f"eval: random_ablate matched on massive-activation coordinates {scan.dims or 'none found'}")
     contexts: dict[str, Callable[[], Any]] = {
         "baseline": contextlib.nullcontext,
         "ablate": lambda: ablate(model, d["direction"]),
         "ablate_affine": lambda: ablate(model, d["direction"], mean=affine_mean),
-        "random_ablate": lambda: ablate(model, random_like(d["direction"], rnd_seed)),
+        "random_ablate": lambda: ablate(model, random_like(d["direction"], rnd_seed, match_dims=match_dims)),
         "actadd": lambda: add(model, d["raw"], layers=[act_layer], alpha=args.actadd_alpha),
         "random_actadd": lambda: add(model, random_like(d["raw"], rnd_seed + 1), layers=[act_layer],
                                      alpha=args.actadd_alpha),
@@ -360,6 +369,8 @@ def cmd_eval(args, session: _Session) -> dict:
         "datasets": {s: {"source": getattr(args, s), "n": len(rows)} for s, rows in splits.items()},
         "conditions": results, "kl_harmless": kl, "examples": examples,
     }
+    if "random_ablate" in conds:
+        ev["random_control"] = random_info
     write_json(out / "eval.json", ev)
     write_json(out / "eval_completions.json", {"format": "refusal_fast.eval_completions", "records": records})
     from .report import eval_summary_rows, format_summary_table
