@@ -90,3 +90,18 @@ def test_random_like_match_dims_errors():
         random_like(v, 0, match_dims=[4])
     with pytest.raises(ValueError, match="every coordinate"):
         random_like(v, 0, match_dims=[0, 1, 2, 3])
+
+
+def test_maxima_match_reference_every_arch(any_arch, harmless):
+    """Per-coordinate maxima over a left-padded batch equal the unpadded float64 reference (GPT-2's absolute
+    positions included), for every supported architecture."""
+    model, tok = any_arch
+    prompts = [harmless[0], harmless[1] + " Please answer in detail, with three examples.", harmless[2]]
+    res = massive_activation_dims(model, tok, prompts, ratio=1.0 + 1e-9, batch_size=3)
+    ref = _block_input_max_reference(model, tok, prompts)
+    best, layer = ref.max(0)
+    assert len(res.dims) > 0
+    for c, m, l in zip(res.dims, res.max_abs, res.layer):
+        assert m == pytest.approx(float(best[c]), rel=1e-4, abs=1e-5)
+    assert res.max_abs == sorted(res.max_abs, reverse=True)
+    assert not library_hooks(model)
