@@ -1,0 +1,81 @@
+"""Random-direction controls for the demo model's refusal direction (README "The demo model").
+
+Re-extracts the direction recorded in the shipped patch's metadata (layer/position) from 128 + 128 train
+prompts, then zero-ablates it and random directions of the same norm at every layer, seeds 0..N-1: isotropic
+Gaussian ones, and ones matched to it on the model's massive-activation coordinates
+(refusal_fast.analysis.massive_activation_dims). Reports the refusal rate on the unseen harmful prompts
+(harmful_val + harmbench_test; greedy 24 tokens, substring classifier) and the first-token KL on 200
+harmless_val prompts. ~12 minutes on 2 CPU cores.
+
+    python scripts/random_direction_control.py --out runs/random_control.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_refusal_patch as T  # noqa: E402  (generation, classifier and ablation hooks shared with training)
+
+from refusal_fast import datasets, load_demo_model  # noqa: E402
+from refusal_fast.analysis import massive_activation_dims, random_like  # noqa: E402
+from refusal_fast.demo_model import read_patch_metadata  # noqa: E402
+from refusal_fast.extract import extract_means  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5, help="random directions per kind (seeds 0..N-1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    model, tok = load_demo_model()
+    meta = read_patch_metadata()
+    sel = meta["metrics"]["directions"]["selected"]
+    layer, pos = sel["layer"], sel["pos"]
+    rng = random.Random(99)
+    held = set(meta["split"]["harmful_test_instructions"])
+    pool = [x for x in datasets.instructions("harmful_train") if x not in held]
+    groups = {"harmful": rng.sample(pool, 128), "harmless": rng.sample(datasets.instructions("harmless_train"), 128)}
+    r = extract_means(model, tok, groups, layers=[layer], positions=[pos]).diff("harmful", "harmless")[0, 0].double()
+    unseen = datasets.instructions("harmful_val") + datasets.instructions("harmbench_test")
+    hv = random.Random(0).sample(datasets.instructions("harmless_val"), 200)
+    scan = massive_activation_dims(model, tok, hv[:8])
+    ref_lp = T.last_logprobs(model, tok, hv)
+
+    def measure(direction: torch.Tensor) -> dict:
+        with T.direction_hooks(model, r=direction.float()):
+            rate = T.rate(T.generate_texts(model, tok, unseen, 24))
+            lp = T.last_logprobs(model, tok, hv)
+        kl = torch.nn.functional.kl_div(lp, ref_lp, log_target=True, reduction="batchmean").item()
+        return {"unseen_harmful": rate, "kl_first_token": round(kl, 4),
+                "weight_on_massive_dims": [round(float(direction[c] / direction.norm()), 4) for c in scan.dims]}
+
+    plain = T.rate(T.generate_texts(model, tok, unseen, 24))
+    res = {"layer": layer, "pos": pos, "n_unseen": len(unseen), "n_harmless": len(hv), "plain": plain,
+           "massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
+           "refusal_direction": measure(r), "random": []}
+    print(f"plain {plain:.3f}; refusal direction {res['refusal_direction']}; massive dims {scan.dims}", flush=True)
+    for seed in range(args.seeds):
+        for kind, md in (("isotropic", None), ("matched", scan.dims)):
+            t0 = time.time()
+            row = dict(seed=seed, kind=kind, **measure(random_like(r, seed, match_dims=md)))
+            row["change_points"] = round(100 * (row["unseen_harmful"] - plain), 1)
+            res["random"].append(row)
+            print(row, f"({time.time() - t0:.0f}s)", flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
