@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_refusal_patch as T  # noqa: E402  (generation, classifier and ablation hooks shared with training)
 
 from refusal_fast import datasets, load_demo_model  # noqa: E402
-from refusal_fast.analysis import massive_activation_dims, random_like  # noqa: E402
 from refusal_fast.demo_model import read_patch_metadata  # noqa: E402
 from refusal_fast.extract import extract_means  # noqa: E402
 
@@ -48,29 +46,18 @@ def main(argv=None) -> dict:
     r = extract_means(model, tok, groups, layers=[layer], positions=[pos]).diff("harmful", "harmless")[0, 0].double()
     unseen = datasets.instructions("harmful_val") + datasets.instructions("harmbench_test")
     hv = random.Random(0).sample(datasets.instructions("harmless_val"), 200)
-    scan = massive_activation_dims(model, tok, hv[:8])
     ref_lp = T.last_logprobs(model, tok, hv)
 
-    def measure(direction: torch.Tensor) -> dict:
-        with T.direction_hooks(model, r=direction.float()):
-            rate = T.rate(T.generate_texts(model, tok, unseen, 24))
-            lp = T.last_logprobs(model, tok, hv)
-        kl = torch.nn.functional.kl_div(lp, ref_lp, log_target=True, reduction="batchmean").item()
-        return {"unseen_harmful": rate, "kl_first_token": round(kl, 4),
-                "weight_on_massive_dims": [round(float(direction[c] / direction.norm()), 4) for c in scan.dims]}
-
     plain = T.rate(T.generate_texts(model, tok, unseen, 24))
+    with T.direction_hooks(model, r=r.float()):
+        ablated = T.rate(T.generate_texts(model, tok, unseen, 24))
+        kl = torch.nn.functional.kl_div(T.last_logprobs(model, tok, hv), ref_lp, log_target=True,
+                                        reduction="batchmean").item()
+    print(f"plain {plain:.3f}; refusal direction ablated {ablated:.3f}, harmless KL {kl:.4f}", flush=True)
     res = {"layer": layer, "pos": pos, "n_unseen": len(unseen), "n_harmless": len(hv), "plain": plain,
-           "massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
-           "refusal_direction": measure(r), "random": []}
-    print(f"plain {plain:.3f}; refusal direction {res['refusal_direction']}; massive dims {scan.dims}", flush=True)
-    for seed in range(args.seeds):
-        for kind, md in (("isotropic", None), ("matched", scan.dims)):
-            t0 = time.time()
-            row = dict(seed=seed, kind=kind, **measure(random_like(r, seed, match_dims=md)))
-            row["change_points"] = round(100 * (row["unseen_harmful"] - plain), 1)
-            res["random"].append(row)
-            print(row, f"({time.time() - t0:.0f}s)", flush=True)
+           "refusal_direction": {"unseen_harmful": ablated, "kl_first_token_harmless": round(kl, 4)}}
+    res.update(T.random_controls(model, tok, r, unseen, hv, ref_lp, plain, seeds=list(range(args.seeds)),
+                                 n_tokens=24))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))

@@ -659,38 +659,41 @@ def degeneration(texts) -> float:
     return round(bad / max(1, len(texts)), 4)
 
 
-def random_controls(model, tokenizer, r, layer, splits, logp_hv, metrics, args, n_seeds: int = 3) -> dict:
-    """Random-direction nulls for direction ``r`` [d]: zero-ablation on unseen harmful prompts (refusal change) and
-    on harmless_val (first-token KL), for isotropic random directions and for random directions matched to ``r`` on
-    the model's massive-activation coordinates (refusal_fast.analysis.outliers); actadd of one isotropic one."""
+def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seeds, n_tokens, actadd_layer=None,
+                    plain_hv=None) -> dict:
+    """Random-direction nulls for direction ``r`` [d]: zero-ablation of each seed's random direction (same norm) on
+    the ``unseen`` harmful prompts (refusal change vs ``plain_unseen``) and on ``hv`` (first-token KL vs
+    ``logp_hv`` [n, vocab]), isotropic and matched to ``r`` on the model's massive-activation coordinates
+    (refusal_fast.analysis.outliers). With ``actadd_layer``: also adds the first seed's isotropic one there on ``hv``."""
     from refusal_fast.analysis import massive_activation_dims, random_like
 
-    T = args.eval_tokens
-    hv, plain_un = splits["harmless_val"], metrics["patched"]["unseen_harmful"]
     scan = massive_activation_dims(model, tokenizer, hv[:8])
-    rhat = (r / r.norm()).double()
+
+    def ablated(direction) -> dict:
+        with direction_hooks(model, r=direction.float()):
+            ra = rate(generate_texts(model, tokenizer, unseen, n_tokens))
+            lp_ = last_logprobs(model, tokenizer, hv)
+        kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
+        return {"unseen_harmful": ra, "change_points": round(100 * (ra - plain_unseen), 1),
+                "kl_first_token_harmless": round(kl, 4),
+                "weight_on_dims": [round(float(direction[c] / direction.norm()), 4) for c in scan.dims]}
+
+    r = r.double()
     out = {"massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
-           "direction_weight_on_dims": [round(float(rhat[c]), 4) for c in scan.dims], "seeds": [],
+           "direction_weight_on_dims": [round(float(r[c] / r.norm()), 4) for c in scan.dims], "seeds": list(seeds),
            "isotropic": [], "matched": []}
-    for i in range(n_seeds):
-        seed = args.seed + 11 + i
-        out["seeds"].append(seed)
+    for seed in seeds:
         for kind, md in (("isotropic", None), ("matched", scan.dims)):
-            rnd = random_like(r.double(), seed, match_dims=md).float()
-            with direction_hooks(model, r=rnd):
-                ra = rate(generate_texts(model, tokenizer, splits["unseen_harmful"], T))
-                lp_ = last_logprobs(model, tokenizer, hv)
-            kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
-            out[kind].append({"unseen_harmful": ra, "change_points": round(100 * (ra - plain_un), 1),
-                              "kl_first_token_harmless_val": round(kl, 4),
-                              "weight_on_dims": [round(float(rnd[c] / rnd.norm()), 4) for c in scan.dims]})
+            out[kind].append(ablated(random_like(r, seed, match_dims=md)))
+            print(f"[random] seed {seed} {kind}: {out[kind][-1]}", flush=True)
     for kind in ("isotropic", "matched"):
         out[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in out[kind])
-    rnd = random_like(r.double(), args.seed + 11).float()
-    with direction_hooks(model, add=rnd, add_layer=layer):
-        rs = rate(generate_texts(model, tokenizer, hv, T))
-    out["actadd_harmless_val"] = rs
-    out["actadd_change_points"] = round(100 * (rs - metrics["patched"]["harmless_val"]), 1)
+    if actadd_layer is not None:
+        with direction_hooks(model, add=random_like(r, seeds[0]).float(), add_layer=actadd_layer):
+            rs = rate(generate_texts(model, tokenizer, hv, n_tokens))
+        out["actadd_harmless"] = rs
+        if plain_hv is not None:
+            out["actadd_change_points"] = round(100 * (rs - plain_hv), 1)
     return out
 
 
@@ -738,7 +741,10 @@ def direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, cand, spli
         res[k] = rate(out)
     d["actadd"] = res
     d["actadd_examples"] = out[:3]
-    d["random_direction"] = random_controls(model, tokenizer, r, li, splits, logp_hv, metrics, args)
+    d["random_direction"] = random_controls(
+        model, tokenizer, r, splits["unseen_harmful"], hv, logp_hv, metrics["patched"]["unseen_harmful"],
+        seeds=[args.seed + 11 + i for i in range(3)], n_tokens=T, actadd_layer=li,
+        plain_hv=metrics["patched"]["harmless_val"])
     return d
 
 
