@@ -309,7 +309,7 @@ def cmd_eval(args, session: _Session) -> dict:
         "harmless": load_dataset(args.harmless, args.n_harmless, args.seed, "--harmless"),
     }
     rnd_seed = args.seed
-    match_dims, random_info = None, {"kind": getattr(args, "random_control", "isotropic"), "seed": rnd_seed}
+    match_dims, random_info = None, {"kind": args.random_control, "seed": rnd_seed}
     if "random_ablate" in conds and random_info["kind"] == "matched":
         from .analysis import massive_activation_dims
 

@@ -49,13 +49,11 @@ def main(argv=None) -> dict:
     ref_lp = T.last_logprobs(model, tok, hv)
 
     plain = T.rate(T.generate_texts(model, tok, unseen, 24))
-    with T.direction_hooks(model, r=r.float()):
-        ablated = T.rate(T.generate_texts(model, tok, unseen, 24))
-        kl = torch.nn.functional.kl_div(T.last_logprobs(model, tok, hv), ref_lp, log_target=True,
-                                        reduction="batchmean").item()
-    print(f"plain {plain:.3f}; refusal direction ablated {ablated:.3f}, harmless KL {kl:.4f}", flush=True)
+    effect = T.ablation_effect(model, tok, r, unseen, hv, ref_lp, plain, 24)
+    print(f"plain {plain:.3f}; refusal direction ablated {effect['unseen_harmful']:.3f}, "
+          f"harmless KL {effect['kl_first_token_harmless']:.4f}", flush=True)
     res = {"layer": layer, "pos": pos, "n_unseen": len(unseen), "n_harmless": len(hv), "plain": plain,
-           "refusal_direction": {"unseen_harmful": ablated, "kl_first_token_harmless": round(kl, 4)}}
+           "refusal_direction": {k: effect[k] for k in ("unseen_harmful", "kl_first_token_harmless")}}
     res.update(T.random_controls(model, tok, r, unseen, hv, ref_lp, plain, seeds=list(range(args.seeds)),
                                  n_tokens=24))
     if args.out is not None:

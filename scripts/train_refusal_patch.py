@@ -659,24 +659,29 @@ def degeneration(texts) -> float:
     return round(bad / max(1, len(texts)), 4)
 
 
+def ablation_effect(model, tokenizer, direction, unseen, hv, logp_hv, plain_unseen, n_tokens, dims=()) -> dict:
+    """Zero-ablate ``direction`` [d] everywhere: refusal on the ``unseen`` harmful prompts (and its change vs
+    ``plain_unseen``), first-token KL on ``hv`` vs ``logp_hv`` [n, vocab], and the unit direction's weight on ``dims``."""
+    with direction_hooks(model, r=direction.float()):
+        ra = rate(generate_texts(model, tokenizer, unseen, n_tokens))
+        lp_ = last_logprobs(model, tokenizer, hv)
+    kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
+    return {"unseen_harmful": ra, "change_points": round(100 * (ra - plain_unseen), 1),
+            "kl_first_token_harmless": round(kl, 4),
+            "weight_on_dims": [round(float(direction[c] / direction.norm()), 4) for c in dims]}
+
+
 def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seeds, n_tokens, actadd_layer=None,
                     plain_hv=None) -> dict:
-    """Random-direction nulls for direction ``r`` [d]: zero-ablation of each seed's random direction (same norm) on
-    the ``unseen`` harmful prompts (refusal change vs ``plain_unseen``) and on ``hv`` (first-token KL vs
-    ``logp_hv`` [n, vocab]), isotropic and matched to ``r`` on the model's massive-activation coordinates
+    """Random-direction nulls for direction ``r`` [d] (:func:`ablation_effect` of each seed's random direction of
+    the same norm), isotropic and matched to ``r`` on the model's massive-activation coordinates
     (refusal_fast.analysis.outliers). With ``actadd_layer``: also adds the first seed's isotropic one there on ``hv``."""
     from refusal_fast.analysis import massive_activation_dims, random_like
 
     scan = massive_activation_dims(model, tokenizer, hv[:8])
 
     def ablated(direction) -> dict:
-        with direction_hooks(model, r=direction.float()):
-            ra = rate(generate_texts(model, tokenizer, unseen, n_tokens))
-            lp_ = last_logprobs(model, tokenizer, hv)
-        kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
-        return {"unseen_harmful": ra, "change_points": round(100 * (ra - plain_unseen), 1),
-                "kl_first_token_harmless": round(kl, 4),
-                "weight_on_dims": [round(float(direction[c] / direction.norm()), 4) for c in scan.dims]}
+        return ablation_effect(model, tokenizer, direction, unseen, hv, logp_hv, plain_unseen, n_tokens, scan.dims)
 
     r = r.double()
     out = {"massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
