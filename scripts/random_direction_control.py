@@ -5,7 +5,9 @@ prompts, then zero-ablates it and random directions of the same norm at every la
 Gaussian ones, and ones matched to it on the model's massive-activation coordinates
 (refusal_fast.analysis.massive_activation_dims). Reports the refusal rate on the unseen harmful prompts
 (harmful_val + harmbench_test; greedy 24 tokens, substring classifier) and the first-token KL on 200
-harmless_val prompts. ~12 minutes on 2 CPU cores.
+harmless_val prompts. Then the activation-addition control: the direction itself and each random vector (same
+norm) added at the direction's layer on those 200 harmless_val prompts, refusal rate vs no intervention.
+~25 minutes on 2 CPU cores.
 
     python scripts/random_direction_control.py --out runs/random_control.json
 """
@@ -54,8 +56,13 @@ def main(argv=None) -> dict:
           f"harmless KL {effect['kl_first_token_harmless']:.4f}", flush=True)
     res = {"layer": layer, "pos": pos, "n_unseen": len(unseen), "n_harmless": len(hv), "plain": plain,
            "refusal_direction": {k: effect[k] for k in ("unseen_harmful", "kl_first_token_harmless")}}
+    plain_hv = T.rate(T.generate_texts(model, tok, hv, 24))
+    with T.direction_hooks(model, add=r.float(), add_layer=layer):
+        added = T.rate(T.generate_texts(model, tok, hv, 24))
+    print(f"harmless_val: plain {plain_hv:.3f}; refusal direction added at layer {layer}: {added:.3f}", flush=True)
+    res["actadd_refusal_direction"] = {"layer": layer, "plain_harmless": plain_hv, "harmless_refusal": added}
     res.update(T.random_controls(model, tok, r, unseen, hv, ref_lp, plain, seeds=list(range(args.seeds)),
-                                 n_tokens=24))
+                                 n_tokens=24, actadd_layer=layer, plain_hv=plain_hv))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))

@@ -675,7 +675,8 @@ def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seed
                     plain_hv=None) -> dict:
     """Random-direction nulls for direction ``r`` [d] (:func:`ablation_effect` of each seed's random direction of
     the same norm), isotropic and matched to ``r`` on the model's massive-activation coordinates
-    (refusal_fast.analysis.outliers). With ``actadd_layer``: also adds the first seed's isotropic one there on ``hv``."""
+    (refusal_fast.analysis.outliers). With ``actadd_layer``: also adds each of those random vectors (‖r‖) at that
+    layer on the harmless prompts ``hv`` and reports their refusal rate and its change vs ``plain_hv``."""
     from refusal_fast.analysis import massive_activation_dims, random_like
 
     scan = massive_activation_dims(model, tokenizer, hv[:8])
@@ -694,11 +695,20 @@ def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seed
     for kind in ("isotropic", "matched"):
         out[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in out[kind])
     if actadd_layer is not None:
-        with direction_hooks(model, add=random_like(r, seeds[0]).float(), add_layer=actadd_layer):
-            rs = rate(generate_texts(model, tokenizer, hv, n_tokens))
-        out["actadd_harmless"] = rs
+        added = {"layer": actadd_layer, "plain_harmless": plain_hv, "isotropic": [], "matched": []}
+        for seed in seeds:
+            for kind, md in (("isotropic", None), ("matched", scan.dims)):
+                with direction_hooks(model, add=random_like(r, seed, match_dims=md).float(), add_layer=actadd_layer):
+                    rs = rate(generate_texts(model, tokenizer, hv, n_tokens))
+                row = {"harmless_refusal": rs}
+                if plain_hv is not None:
+                    row["change_points"] = round(100 * (rs - plain_hv), 1)
+                added[kind].append(row)
+                print(f"[random actadd] seed {seed} {kind}: {row}", flush=True)
         if plain_hv is not None:
-            out["actadd_change_points"] = round(100 * (rs - plain_hv), 1)
+            for kind in ("isotropic", "matched"):
+                added[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in added[kind])
+        out["actadd"] = added
     return out
 
 
