@@ -688,26 +688,24 @@ def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seed
     out = {"massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
            "direction_weight_on_dims": [round(float(r[c] / r.norm()), 4) for c in scan.dims], "seeds": list(seeds),
            "isotropic": [], "matched": []}
+    added = {"layer": actadd_layer, "plain_harmless": plain_hv, "isotropic": [], "matched": []}
     for seed in seeds:
         for kind, md in (("isotropic", None), ("matched", scan.dims)):
-            out[kind].append(ablated(random_like(r, seed, match_dims=md)))
+            v = random_like(r, seed, match_dims=md)
+            out[kind].append(ablated(v))
             print(f"[random] seed {seed} {kind}: {out[kind][-1]}", flush=True)
-    for kind in ("isotropic", "matched"):
-        out[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in out[kind])
-    if actadd_layer is not None:
-        added = {"layer": actadd_layer, "plain_harmless": plain_hv, "isotropic": [], "matched": []}
-        for seed in seeds:
-            for kind, md in (("isotropic", None), ("matched", scan.dims)):
-                with direction_hooks(model, add=random_like(r, seed, match_dims=md).float(), add_layer=actadd_layer):
-                    rs = rate(generate_texts(model, tokenizer, hv, n_tokens))
-                row = {"harmless_refusal": rs}
+            if actadd_layer is not None:
+                with direction_hooks(model, add=v.float(), add_layer=actadd_layer):
+                    row = {"harmless_refusal": rate(generate_texts(model, tokenizer, hv, n_tokens))}
                 if plain_hv is not None:
-                    row["change_points"] = round(100 * (rs - plain_hv), 1)
+                    row["change_points"] = round(100 * (row["harmless_refusal"] - plain_hv), 1)
                 added[kind].append(row)
                 print(f"[random actadd] seed {seed} {kind}: {row}", flush=True)
-        if plain_hv is not None:
-            for kind in ("isotropic", "matched"):
-                added[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in added[kind])
+    tables = [out] + ([added] if actadd_layer is not None and plain_hv is not None else [])
+    for table in tables:
+        for kind in ("isotropic", "matched"):
+            table[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in table[kind])
+    if actadd_layer is not None:
         out["actadd"] = added
     return out
 
