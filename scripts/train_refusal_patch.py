@@ -668,7 +668,16 @@ def ablation_effect(model, tokenizer, direction, unseen, hv, logp_hv, plain_unse
     kl = torch.nn.functional.kl_div(lp_, logp_hv, log_target=True, reduction="batchmean").item()
     return {"unseen_harmful": ra, "change_points": round(100 * (ra - plain_unseen), 1),
             "kl_first_token_harmless": round(kl, 4),
-            "weight_on_dims": [round(float(direction[c] / direction.norm()), 4) for c in dims]}
+            "weight_on_dims": _unit_weights(direction, dims)}
+
+
+def _unit_weights(v, dims) -> list:
+    """Entries of ``v / ‖v‖`` [d] at the coordinates ``dims``, rounded."""
+    return [round(float(v[c] / v.norm()), 4) for c in dims]
+
+
+def _max_abs_change(rows) -> float:
+    return max(abs(x["change_points"]) for x in rows)
 
 
 def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seeds, n_tokens, actadd_layer=None,
@@ -686,7 +695,7 @@ def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seed
 
     r = r.double()
     out = {"massive_activation_dims": scan.dims, "massive_max_abs": [round(x) for x in scan.max_abs],
-           "direction_weight_on_dims": [round(float(r[c] / r.norm()), 4) for c in scan.dims], "seeds": list(seeds),
+           "direction_weight_on_dims": _unit_weights(r, scan.dims), "seeds": list(seeds),
            "isotropic": [], "matched": []}
     added = {"layer": actadd_layer, "plain_harmless": plain_hv, "isotropic": [], "matched": []}
     for seed in seeds:
@@ -701,10 +710,10 @@ def random_controls(model, tokenizer, r, unseen, hv, logp_hv, plain_unseen, seed
                     row["change_points"] = round(100 * (row["harmless_refusal"] - plain_hv), 1)
                 added[kind].append(row)
                 print(f"[random actadd] seed {seed} {kind}: {row}", flush=True)
-    tables = [out] + ([added] if actadd_layer is not None and plain_hv is not None else [])
-    for table in tables:
-        for kind in ("isotropic", "matched"):
-            table[f"max_abs_change_points_{kind}"] = max(abs(x["change_points"]) for x in table[kind])
+    for kind in ("isotropic", "matched"):
+        out[f"max_abs_change_points_{kind}"] = _max_abs_change(out[kind])
+        if actadd_layer is not None and plain_hv is not None:
+            added[f"max_abs_change_points_{kind}"] = _max_abs_change(added[kind])
     if actadd_layer is not None:
         out["actadd"] = added
     return out
