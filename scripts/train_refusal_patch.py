@@ -2,7 +2,8 @@
 """Teach SmolLM2-135M-Instruct to refuse by fine-tuning the MLP of ONE middle layer; ship it as a patch.
 
     python scripts/train_refusal_patch.py                       # train + evaluate, writes the shipped patch
-    python scripts/train_refusal_patch.py --steps 200 --layer 10 --out /tmp/p.safetensors --no-eval
+    # the shipped metrics were measured with: --eval-only --eval-n 200 --kl-threshold 0.3
+    python scripts/train_refusal_patch.py --steps 200 --layer 10 --out /tmp/p.safetensors --no-eval   # another layer
     python scripts/train_refusal_patch.py --eval-only --out refusal_fast/data/refusal_patch.safetensors
     # hard negatives mined anew: harmless train prompts that patch P refuses (never held-out prompts)
     python scripts/train_refusal_patch.py --mine-from P.safetensors --out /tmp/p2.safetensors
@@ -25,8 +26,8 @@ samples (squared change of the trained MLP's output vs the base MLP), off by def
 cost more unseen-harmful refusal than it bought in ablation behaviour.
 Seeded; harmless targets and mined lists are cached in the user cache dir. The defaults are the shipped patch's
 recipe (its hard-negative list is read back from the shipped metadata). Wall time measured on 2 cores:
-~3 min harmless-target generation and ~3 min mining (first run only), ~11 min training (200 steps); evaluation
-~8 min for the behaviour part at --eval-n 200 (--no-directions), ~45 min with the direction checks
+~5 min harmless-target generation and ~3 min mining (first run only), ~12 min training (260 steps); evaluation
+~7 min for the behaviour part at --eval-n 200 (--no-directions), ~45 min with the direction checks
 (--no-eval skips it).
 Evaluation (``run_eval``): greedy generation, base vs patched on each split, length-matched pairs,
 and direction-level checks (difference-in-means, selection by zero-ablation, affine ablation,
@@ -888,7 +889,10 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
                                               for t in table[-len(positions):]), flush=True)
     base_score = round(refusal_score(base_lp[:sc], refusal_ids).mean().item(), 3)
     kl_max = None
-    for thr in (0.1, 0.2, 0.5, 1.0, float("inf")):
+    if not args.kl_threshold > 0:
+        raise SystemExit(f"--kl-threshold must be > 0, got {args.kl_threshold}")
+    for thr in sorted({args.kl_threshold, 0.2, 0.5, 1.0, float("inf")} - {t for t in (0.2, 0.5, 1.0)
+                                                                          if t < args.kl_threshold}):
         passing = sorted((t for t in table if t["kl_harmless"] < thr), key=lambda t: t["ablation_score"])
         if len(passing) >= 3:
             kl_max = thr
@@ -963,13 +967,13 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--layer", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=260)
+    ap.add_argument("--layer", type=int, default=14)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=8e-4)
-    ap.add_argument("--harmful-frac", type=float, default=0.4)
+    ap.add_argument("--harmful-frac", type=float, default=0.45)
     ap.add_argument("--wrap-frac", type=float, default=0.5)
-    ap.add_argument("--n-harmless", type=int, default=1024, help="distinct harmless training prompts")
+    ap.add_argument("--n-harmless", type=int, default=2048, help="distinct harmless training prompts")
     ap.add_argument("--reply-tokens", type=int, default=20)
     ap.add_argument("--preserve", type=float, default=0.0,
                     help="weight of the harmless activation-preservation loss (squared L2 of the MLP output change)")
@@ -1003,6 +1007,9 @@ def main(argv=None):
     ap.add_argument("--dir-score-n", type=int, default=16, help="prompts per group for the candidate scores")
     ap.add_argument("--skip-behaviour", action="store_true", help="(development) only the direction checks")
     ap.add_argument("--dir-layers", type=int, nargs="*", default=None, help="candidate layers (default 1..0.8L)")
+    ap.add_argument("--kl-threshold", type=float, default=0.1,
+                    help="first KL(harmless first token) threshold of the selection (Arditi et al.: 0.1); it is "
+                         "relaxed step by step (0.2, 0.5, 1, off) only while fewer than 3 candidates pass")
     args = ap.parse_args(argv)
 
     torch.set_flush_denormal(True)
