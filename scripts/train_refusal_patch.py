@@ -889,10 +889,7 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
                                               for t in table[-len(positions):]), flush=True)
     base_score = round(refusal_score(base_lp[:sc], refusal_ids).mean().item(), 3)
     kl_max = None
-    if not args.kl_threshold > 0:
-        raise SystemExit(f"--kl-threshold must be > 0, got {args.kl_threshold}")
-    for thr in sorted({args.kl_threshold, 0.2, 0.5, 1.0, float("inf")} - {t for t in (0.2, 0.5, 1.0)
-                                                                          if t < args.kl_threshold}):
+    for thr in [args.kl_threshold] + [t for t in (0.2, 0.5, 1.0, float("inf")) if t > args.kl_threshold]:
         passing = sorted((t for t in table if t["kl_harmless"] < thr), key=lambda t: t["ablation_score"])
         if len(passing) >= 3:
             kl_max = thr
@@ -1011,6 +1008,8 @@ def main(argv=None):
                     help="first KL(harmless first token) threshold of the selection (Arditi et al.: 0.1); it is "
                          "relaxed step by step (0.2, 0.5, 1, off) only while fewer than 3 candidates pass")
     args = ap.parse_args(argv)
+    if not args.kl_threshold > 0:
+        ap.error(f"--kl-threshold must be > 0, got {args.kl_threshold}")
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
