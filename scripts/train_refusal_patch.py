@@ -889,7 +889,7 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
                                               for t in table[-len(positions):]), flush=True)
     base_score = round(refusal_score(base_lp[:sc], refusal_ids).mean().item(), 3)
     kl_max = None
-    for thr in [args.kl_threshold] + [t for t in (0.2, 0.5, 1.0, float("inf")) if t > args.kl_threshold]:
+    for thr in kl_ladder(args.kl_threshold):
         passing = sorted((t for t in table if t["kl_harmless"] < thr), key=lambda t: t["ablation_score"])
         if len(passing) >= 3:
             kl_max = thr
@@ -959,6 +959,29 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
     return metrics
 
 
+def kl_ladder(first: float) -> list[float]:
+    """KL thresholds the selection tries in turn: ``first``, then the larger of 0.2, 0.5, 1 and off (inf)."""
+    return [first] + [t for t in (0.2, 0.5, 1.0, float("inf")) if t > first]
+
+
+def merge_metrics(old: dict | None, new: dict, directions_only: bool) -> dict:
+    """The patch metadata's ``metrics`` after an evaluation run.
+
+    A full run replaces them. A ``--skip-behaviour`` run (``directions_only``) measures behaviour only on the
+    two splits the direction checks need, so it keeps the earlier run's behaviour numbers and replaces only
+    ``directions`` (and drops other ``direction*`` keys, which describe the old pick); ``eval_wall_s`` becomes ``{"behaviour": s, "directions": s}``. Without earlier behaviour
+    numbers (no ``patched`` block) the new metrics are kept whole, so nothing is invented.
+    """
+    if not directions_only or not old or "patched" not in old or "directions" not in new:
+        return new
+    merged = {k: v for k, v in old.items() if not k.startswith("direction")}  # incl. notes about the old pick
+    merged["directions"] = new["directions"]
+    ow = old.get("eval_wall_s")
+    merged["eval_wall_s"] = {"behaviour": ow.get("behaviour") if isinstance(ow, dict) else ow,
+                             "directions": new.get("eval_wall_s")}
+    return merged
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1002,7 +1025,9 @@ def main(argv=None):
     ap.add_argument("--dir-mean-n", type=int, default=128, help="prompts per group for the direction means")
     ap.add_argument("--dir-sel-n", type=int, default=32, help="prompts per group for direction selection")
     ap.add_argument("--dir-score-n", type=int, default=16, help="prompts per group for the candidate scores")
-    ap.add_argument("--skip-behaviour", action="store_true", help="(development) only the direction checks")
+    ap.add_argument("--skip-behaviour", action="store_true",
+                    help="(development) only the direction checks; the patch JSON keeps the behaviour metrics of "
+                         "the last full evaluation and gets the new directions block")
     ap.add_argument("--dir-layers", type=int, nargs="*", default=None, help="candidate layers (default 1..0.8L)")
     ap.add_argument("--kl-threshold", type=float, default=0.1,
                     help="first KL(harmless first token) threshold of the selection (Arditi et al.: 0.1); it is "
@@ -1156,7 +1181,7 @@ def main(argv=None):
         metrics = run_eval(args, model, tokenizer, layer, harmful_test, harmless_test,
                            harmful_train, harmless_pool_train)
         meta = json.loads(args.out.with_suffix(".json").read_text())
-        meta["metrics"] = metrics
+        meta["metrics"] = merge_metrics(meta.get("metrics"), metrics, directions_only=args.skip_behaviour)
         args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"[done] total wall {time.time() - t_start:.0f}s", flush=True)
 
