@@ -251,9 +251,11 @@ def test_demo_quick_on_tiny_model(env, capsys):
     assert "Persona" in html and "not run" in html  # persona is off by default in the demo
 
 
-def test_demo_falls_back_without_kl_filter_without_rescoring(env, capsys, monkeypatch):
-    """No candidate passes the KL filter: the demo warns, then re-picks from the same scores with it off."""
+def test_demo_relaxes_kl_filter_step_by_step_without_rescoring(env, capsys, monkeypatch):
+    """No candidate passes the KL filter: the demo warns, then re-picks from the same scores at the first
+    threshold of select.KL_FALLBACK that lets one through (the KL filter off only as the last step)."""
     import refusal_fast.select as sel
+    from refusal_fast.select import KL_FALLBACK
 
     calls = []
     real = sel.select_direction
@@ -266,9 +268,14 @@ def test_demo_falls_back_without_kl_filter_without_rescoring(env, capsys, monkey
     assert "WARNING: no candidate direction passed KL <= -1.0" in out
     assert len(calls) == 1  # scored once
     res = json.loads((out_dir / "selection.json").read_text())
-    assert res["params"]["kl_threshold"] is None
+    kls = {(r["layer"], r["position"]): r["kl"] for r in res["table"] if r["filtered"] in (None, "kl")}
+    # the threshold used is the first of the ladder under which some candidate passes
+    expect = next(t for t in KL_FALLBACK if t is None or any(k <= t for k in kls.values()))
+    assert res["params"]["kl_threshold"] == expect
+    assert ("KL filter off" if expect is None else f"KL <= {expect}") in out
     ok = [r for r in res["table"] if r["filtered"] is None]
-    assert ok and (res["layer"], res["position"]) == min(((r["bypass"], r["layer"], r["position"]) for r in ok))[1:]
+    assert ok and all(expect is None or r["kl"] <= expect for r in ok)
+    assert (res["layer"], res["position"]) == min(((r["bypass"], r["layer"], r["position"]) for r in ok))[1:]
     ev = json.loads((out_dir / "eval.json").read_text())
     assert (ev["direction"]["layer"], ev["direction"]["position"]) == (res["layer"], res["position"])
 

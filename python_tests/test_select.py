@@ -267,3 +267,30 @@ def test_bad_input(gpt2, gpt2_means, val):
         run(gpt2_means, prune_last_frac=1.5)
     with pytest.raises(ValueError, match="kl_threshold"):
         run(gpt2_means, kl_threshold=math.nan)
+
+
+def test_refilter_relaxing_kl_stops_at_the_first_threshold_that_passes(gpt2, gpt2_means, val):
+    """KLs forced to 0.3 / 0.7 / 5: the relaxation stops at 0.5 and picks the 0.3 candidate even though the
+    0.7 one has the better bypass score; with KLs all above 1 it ends with the filter off."""
+    import dataclasses
+
+    model, tok = gpt2
+    harmful_val, harmless_val = val
+    strict = select_direction(model, tok, gpt2_means, harmful_val, harmless_val, kl_threshold=0.1,
+                              induce_threshold=None, progress=False, raise_if_none=False)
+    rows = sorted((r for r in strict.table if r["filtered"] in (None, "kl")), key=lambda r: r["bypass"])
+    assert len(rows) >= 3
+    forced = {(rows[0]["layer"], rows[0]["position"]): 0.7, (rows[1]["layer"], rows[1]["position"]): 0.3}
+    table = [dict(r, kl=forced.get((r["layer"], r["position"]), 5.0)) for r in strict.table]
+    scored = dataclasses.replace(strict, table=table)
+    res = scored.refilter_relaxing_kl(gpt2_means)
+    assert res.params["kl_threshold"] == 0.5
+    assert (res.layer, res.position) == (rows[1]["layer"], rows[1]["position"])
+    assert scored.refilter_relaxing_kl(gpt2_means, thresholds=(0.2, 1.0)).params["kl_threshold"] == 1.0
+    high = dataclasses.replace(strict, table=[dict(r, kl=5.0) for r in strict.table])
+    off = high.refilter_relaxing_kl(gpt2_means)
+    assert off.params["kl_threshold"] is None and (off.layer, off.position) == (rows[0]["layer"], rows[0]["position"])
+    # thresholds at or below the current one are skipped; nothing at all passing still raises
+    assert scored.refilter_relaxing_kl(gpt2_means, thresholds=(0.05, 0.5)).params["kl_threshold"] == 0.5
+    with pytest.raises(NoDirectionError):
+        scored.refilter(gpt2_means, prune_last_frac=1.0, raise_if_none=False).refilter_relaxing_kl(gpt2_means)

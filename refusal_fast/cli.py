@@ -292,14 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{hlp} (default {DEMO_SIZES[key][0]}, --quick {DEMO_SIZES[key][1]})")
     g = p.add_argument_group("selection (as in `select`)")
     g.add_argument("--select-layers", type=_int_list, default=None, metavar="LIST",
-                   help="candidate layers, e.g. '4:24:2' (default: every second layer from 10%% to 80%% depth; "
+                   help="candidate layers, e.g. '4:24:2' (default: every layer from 10%% to 80%% depth; "
                         "all layers for models with few)")
     g.add_argument("--select-positions", type=_int_list, default=None, metavar="LIST",
                    help="candidate positions, e.g. --select-positions=-1 (default: every end-of-instruction position)")
     g.add_argument("--prune-last-frac", type=_threshold, default=0.2, metavar="F",
                    help="discard candidates from the last F fraction of layers ('none' keeps all)")
     g.add_argument("--kl-threshold", type=_threshold, default=0.1, metavar="X",
-                   help="discard candidates whose ablation gives harmless KL > X ('none' disables)")
+                   help="discard candidates whose ablation gives harmless KL > X ('none' disables); if none "
+                        "passes, the demo warns and relaxes it to 0.2, 0.5, 1, then off, over the same scores")
     g.add_argument("--induce-threshold", type=_threshold, default=0.0, metavar="X",
                    help="discard candidates whose addition gives a harmless refusal score below X ('none' disables)")
     p.add_argument("--skip-categories", action="store_true", help="leave out the per-category analysis")

@@ -43,8 +43,8 @@ _CONDITION_SPLITS = {
     "random_actadd": ("harmless",),
 }
 
-#: Demo sizes: (default run, --quick run). The default demo takes about 4 minutes on 2 idle CPU cores
-#: with the 135M-parameter demo model (measured); --quick is for smoke tests.
+#: Demo sizes: (default run, --quick run). The default demo takes about 8.5 minutes on 2 idle CPU cores
+#: with the 135M-parameter demo model (measured; ~80% of it the 126-candidate selection); --quick is for smoke tests.
 DEMO_SIZES = {
     "n_train": (128, 16),
     "n_val": (12, 6),
@@ -57,9 +57,14 @@ DEMO_SIZES = {
 
 
 def demo_select_layers(n_layers: int) -> list[int]:
-    """The demo's candidate layers: every second layer from 10% to 80% depth (the selection prunes the last 20%)."""
+    """The demo's candidate layers: every layer from 10% to 80% depth (the selection prunes the last 20%).
+
+    Every layer, not every second one: on the demo model the directions' side effects change sharply from one
+    layer to the next (their weight on the attention-sink coordinate), so skipping layers can miss the one
+    usable direction.
+    """
     lo, hi = max(1, n_layers // 10), max(2, int(0.8 * n_layers))
-    return list(range(lo, hi, 2)) if hi - lo > 6 else list(range(n_layers))
+    return list(range(lo, hi)) if hi - lo > 6 else list(range(n_layers))
 
 
 # ============================================================================== run plumbing
@@ -253,8 +258,10 @@ def _write_selection(args, out: Path, result) -> None:
     _say(args, f"wrote {out / 'selection.json'}, {out / 'selection_heatmap.png'}, {out / 'direction.safetensors'}")
 
 
-def _select_without_kl_filter(args, session: _Session) -> None:
-    """Re-pick the direction from the scores ``select`` just wrote, with the KL filter off (no re-scoring)."""
+def _select_relaxing_kl(args, session: _Session) -> float | None:
+    """Re-pick the direction from the scores ``select`` just wrote, relaxing the KL filter step by step
+    (:meth:`SelectionResult.refilter_relaxing_kl`: 0.2, 0.5, 1, then off; nothing re-scored).
+    Returns the threshold used (None = filter off)."""
     from .extract import Means
     from .select import NoDirectionError, SelectionResult
 
@@ -263,10 +270,11 @@ def _select_without_kl_filter(args, session: _Session) -> None:
     scored = SelectionResult.from_json(out / "selection.json")
     means = Means.load(out / "means.safetensors", model=model)
     try:
-        result = scored.refilter(means, kl_threshold=None)
+        result = scored.refilter_relaxing_kl(means)
     except NoDirectionError as exc:
         raise CLIError(f"{exc}\n(even with the KL filter off)") from None
     _write_selection(args, out, result)
+    return result.params["kl_threshold"]
 
 
 def _eval_classifiers(primary: str):
@@ -659,12 +667,14 @@ def cmd_demo(args, session: _Session) -> dict:
         except CLIError:
             if step[0] != "select" or args.kl_threshold is None:
                 raise
-            # No candidate passed the KL filter: say so loudly, and re-pick from the same scores with
-            # the KL filter off (no re-scoring) so the newcomer still sees the pipeline.
+            # No candidate passed the KL filter: say so loudly, and re-pick from the same scores with the
+            # KL filter relaxed step by step (no re-scoring) so the newcomer still sees the pipeline.
             print(f"[refusal-fast] WARNING: no candidate direction passed KL <= {args.kl_threshold}; "
-                  "choosing from the same scores with the KL filter disabled (the chosen direction changes "
-                  "harmless outputs more than the standard procedure allows; see the report)", flush=True)
-            _select_without_kl_filter(args, session)
+                  "relaxing the KL filter step by step over the same scores", flush=True)
+            thr = _select_relaxing_kl(args, session)
+            print(f"[refusal-fast] WARNING: picked with {'the KL filter off' if thr is None else f'KL <= {thr}'}: "
+                  "the chosen direction changes harmless outputs more than the standard procedure allows "
+                  "(see the report)", flush=True)
     path = _dispatch(["report", "--out", args.out], session, quiet=True)["report"]
     ev = read_json(Path(args.out) / "eval.json")  # the summary printed below is read back from the same file
     from .report import eval_summary_rows, format_summary_table

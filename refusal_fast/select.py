@@ -42,6 +42,8 @@ __all__ = ["select_direction", "SelectionResult", "NoDirectionError", "filter_re
 
 METRICS = ("bypass", "induce", "kl")
 _UNSET = object()  # "keep the current value" for SelectionResult.refilter
+#: KL thresholds :meth:`SelectionResult.refilter_relaxing_kl` tries in turn by default (None = filter off).
+KL_FALLBACK = (0.2, 0.5, 1.0, None)
 _BYPASS, _INDUCE, _KL = 0, 1, 2
 
 
@@ -197,6 +199,26 @@ class SelectionResult:
             table.append(dict(r, filtered=reason))
         return _choose(table, raw, norms, self.layers, self.positions, self.n_layers, self.baseline, p,
                        self.position_labels, raise_if_none)
+
+    def refilter_relaxing_kl(self, candidates: Any, thresholds: Sequence[float | None] = KL_FALLBACK,
+                             groups: Sequence[str] = ("harmful", "harmless")) -> "SelectionResult":
+        """:meth:`refilter` with the KL filter relaxed step by step until some candidate passes.
+
+        Tries each of ``thresholds`` above the current ``kl_threshold`` in turn (None = KL filter off) and
+        returns the first result that picks a candidate; its ``params["kl_threshold"]`` is the threshold used.
+        Nothing is re-scored. Raises :class:`NoDirectionError` if none picks one, even with the filter off.
+        """
+        cur = self.params.get("kl_threshold")
+        if cur is None:
+            return self.refilter(candidates, groups=groups)
+        steps = [t for t in thresholds if t is None or t > cur]
+        if not steps or steps[-1] is not None:
+            steps.append(None)
+        for t in steps[:-1]:
+            res = self.refilter(candidates, kl_threshold=t, groups=groups, raise_if_none=False)
+            if res.found:
+                return res
+        return self.refilter(candidates, kl_threshold=None, groups=groups)
 
     def heatmap(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """PNG with three panels (bypass, induce, KL) over layers x positions.
