@@ -60,3 +60,22 @@ def test_kl_threshold_rejected_at_parse_time(script, bad):
                                            (2.0, [2.0, math.inf]), (math.inf, [math.inf])])
 def test_kl_ladder(script, first, ladder):
     assert script.kl_ladder(first) == ladder
+
+
+def test_harmless_kl_context_statistics():
+    """scripts/harmless_kl_context.py: per-row KL(p || q) equals torch's kl_div; identical rows give 0."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("harmless_kl_context", SCRIPT.parent / "harmless_kl_context.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(5, 11, generator=g), -1)
+    q = torch.log_softmax(torch.randn(5, 11, generator=g), -1)
+    ref = torch.nn.functional.kl_div(q.double(), p.double(), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(mod.kl_rows(p, q), ref)
+    s = mod.summary(p, q)
+    assert s["mean"] == pytest.approx(ref.mean().item(), abs=1e-4) and s["max"] == pytest.approx(ref.max().item(), abs=1e-4)
+    assert s["median"] <= s["p90"] <= s["max"]
+    same = mod.summary(p, p)
+    assert same["mean"] == 0 and same["top1_agreement"] == 1.0
