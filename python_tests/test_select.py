@@ -290,6 +290,9 @@ def test_refilter_relaxing_kl_stops_at_the_first_threshold_that_passes(gpt2, gpt
     high = dataclasses.replace(strict, table=[dict(r, kl=5.0) for r in strict.table])
     off = high.refilter_relaxing_kl(gpt2_means)
     assert off.params["kl_threshold"] is None and (off.layer, off.position) == (rows[0]["layer"], rows[0]["position"])
+    # a result whose own threshold already lets a candidate through is kept as it is
+    kept = scored.refilter(gpt2_means, kl_threshold=0.5).refilter_relaxing_kl(gpt2_means)
+    assert kept.params["kl_threshold"] == 0.5 and (kept.layer, kept.position) == (res.layer, res.position)
     # thresholds at or below the current one are skipped; nothing at all passing still raises
     assert scored.refilter_relaxing_kl(gpt2_means, thresholds=(0.05, 0.5)).params["kl_threshold"] == 0.5
     with pytest.raises(NoDirectionError):

@@ -59,9 +59,9 @@ DEMO_SIZES = {
 def demo_select_layers(n_layers: int) -> list[int]:
     """The demo's candidate layers: every layer from 10% to 80% depth (the selection prunes the last 20%).
 
-    Every layer, not every second one: on the demo model the directions' side effects change sharply from one
-    layer to the next (their weight on the attention-sink coordinate), so skipping layers can miss the one
-    usable direction.
+    Every layer, not every second one: on the demo model the candidates' harmless KL changes sharply from one
+    layer to the next (measured: 0.21 at layer 20, last position; 1.1-5.4 at the layers around it), so
+    skipping layers can miss the one usable direction.
     """
     lo, hi = max(1, n_layers // 10), max(2, int(0.8 * n_layers))
     return list(range(lo, hi)) if hi - lo > 6 else list(range(n_layers))

@@ -204,14 +204,15 @@ class SelectionResult:
                              groups: Sequence[str] = ("harmful", "harmless")) -> "SelectionResult":
         """:meth:`refilter` with the KL filter relaxed step by step until some candidate passes.
 
-        Tries each of ``thresholds`` above the current ``kl_threshold`` in turn (None = KL filter off) and
-        returns the first result that picks a candidate; its ``params["kl_threshold"]`` is the threshold used.
-        Nothing is re-scored. Raises :class:`NoDirectionError` if none picks one, even with the filter off.
+        Tries the current ``kl_threshold``, then each of ``thresholds`` above it in turn (None = KL filter
+        off), and returns the first result that picks a candidate; its ``params["kl_threshold"]`` is the
+        threshold used. Nothing is re-scored. Raises :class:`NoDirectionError` if none picks one, even with
+        the filter off.
         """
         cur = self.params.get("kl_threshold")
         if cur is None:
             return self.refilter(candidates, groups=groups)
-        steps = [t for t in thresholds if t is None or t > cur]
+        steps = [cur] + [t for t in thresholds if t is None or t > cur]
         if not steps or steps[-1] is not None:
             steps.append(None)
         for t in steps[:-1]:
