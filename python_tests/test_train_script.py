@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_refusal_patch.py"
 
@@ -75,7 +76,42 @@ def test_harmless_kl_context_statistics():
     ref = torch.nn.functional.kl_div(q.double(), p.double(), log_target=True, reduction="none").sum(-1)
     torch.testing.assert_close(mod.kl_rows(p, q), ref)
     s = mod.summary(p, q)
-    assert s["mean"] == pytest.approx(ref.mean().item(), abs=1e-4) and s["max"] == pytest.approx(ref.max().item(), abs=1e-4)
+    assert s["mean"] == pytest.approx(ref.mean().item(), abs=1e-4)
+    assert s["max"] == pytest.approx(ref.max().item(), abs=1e-4)
     assert s["median"] <= s["p90"] <= s["max"]
     same = mod.summary(p, p)
     assert same["mean"] == 0 and same["top1_agreement"] == 1.0
+
+
+def _tiny_training_run(script, tokenizer, distill: bool, lr: float):
+    """Two steps of train() on a fresh tiny Llama: returns (stats, model, MLP weights before)."""
+    import random
+    from types import SimpleNamespace
+
+    import torch
+    from tiny_models import make_model
+
+    torch.manual_seed(0)
+    model = make_model("llama", tokenizer)
+    rng = random.Random(0)
+    samples = [([rng.randrange(5, 200) for _ in range(rng.randrange(3, 9))],
+                [rng.randrange(5, 200) for _ in range(rng.randrange(2, 6))], k % 2) for k in range(8)]
+    args = SimpleNamespace(rank=0, steps=2, batch=4, lr=lr, preserve=0.0, harmless_distill=distill, seed=0)
+    before = {k: v.clone() for k, v in model.model.layers[1].mlp.state_dict().items()}
+    stats = script.train(args, model, tokenizer, samples, layer=1)
+    return stats, model, before
+
+
+def test_harmless_distill_loss_is_kl_to_the_base_model(script, tokenizer):
+    """--harmless-distill: the harmless loss is KL(base || patched), 0 while the MLP is still the base one
+    (lr 0), where cross-entropy on the reply is not; with lr > 0 the MLP moves and nothing is left trainable."""
+    s_kl, _, _ = _tiny_training_run(script, tokenizer, distill=True, lr=0.0)
+    s_ce, _, _ = _tiny_training_run(script, tokenizer, distill=False, lr=0.0)
+    assert abs(s_kl["final_harmless_loss"]) < 1e-5
+    assert s_ce["final_harmless_loss"] > 1.0  # random tiny model: CE on random reply tokens is large
+    assert s_kl["final_harmful_loss"] == pytest.approx(s_ce["final_harmful_loss"], rel=1e-5)  # harmful: CE both
+    s, model, before = _tiny_training_run(script, tokenizer, distill=True, lr=1e-2)
+    after = model.model.layers[1].mlp.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert s["final_harmless_loss"] > 0
+    assert not any(p.requires_grad for p in model.parameters())

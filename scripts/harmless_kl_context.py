@@ -48,16 +48,22 @@ def summary(p: torch.Tensor, q: torch.Tensor) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--patch", type=Path, default=None, help="refusal patch to evaluate (default: the shipped one)")
+    ap.add_argument("--layer", type=int, default=None, help="direction layer (default: the patch metadata's pick)")
+    ap.add_argument("--pos", type=int, default=None, help="direction position (default: the patch metadata's pick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    model, tok = load_demo_model()
+    model, tok = load_demo_model(patch=args.patch)
     base, _ = load_demo_model(base=True)
-    meta = read_patch_metadata()
-    sel = meta["metrics"]["directions"]["selected"]
-    layer, pos = sel["layer"], sel["pos"]
+    meta = read_patch_metadata() if args.patch is None else read_patch_metadata(args.patch)
+    sel = meta.get("metrics", {}).get("directions", {}).get("selected") or {}
+    layer = args.layer if args.layer is not None else sel.get("layer")
+    pos = args.pos if args.pos is not None else sel.get("pos")
+    if layer is None or pos is None:
+        ap.error("the patch metadata records no selected direction: pass --layer and --pos")
     rng = random.Random(99)  # same direction sample as random_direction_control.py
     held = set(meta["split"]["harmful_test_instructions"])
     pool = [x for x in datasets.instructions("harmful_train") if x not in held]

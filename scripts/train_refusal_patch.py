@@ -460,12 +460,28 @@ def train(args, model, tokenizer, samples, layer: int, base_mlp=None) -> dict:
         ids, mask, labels = collate(batch, tokenizer.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         tgt = labels[:, 1:]
         sel = tgt != -100
+        harm_tok = torch.tensor([b[2] for b in batch]).unsqueeze(1).expand_as(tgt)[sel].bool()
+        teacher = None
+        if args.harmless_distill and (~harm_tok).any():
+            # the base model's next-token distributions on the harmless replies (base MLP swapped in)
+            swap = mlp.register_forward_hook(lambda mod, inp, out: base_mlp(inp[0]))
+            try:
+                with torch.no_grad():
+                    h0 = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                    teacher = torch.log_softmax(model.lm_head(h0[:, :-1][sel][~harm_tok]).float(), -1)
+            finally:
+                swap.remove()
+            cap.clear()
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = model.lm_head(hidden[:, :-1][sel])
         per_tok = torch.nn.functional.cross_entropy(logits.float(), tgt[sel], reduction="none")
-        harm_tok = torch.tensor([b[2] for b in batch]).unsqueeze(1).expand_as(tgt)[sel].bool()
+        if teacher is not None:
+            # harmless tokens: KL(base || patched) over the whole vocabulary instead of CE on the greedy token
+            lp = torch.log_softmax(logits[~harm_tok].float(), -1)
+            kl_tok = (teacher.exp() * (teacher - lp)).sum(-1)
+            per_tok = per_tok.masked_scatter(~harm_tok, kl_tok)
         loss = per_tok.mean()
         pres = torch.zeros(())
         rows = torch.tensor([b[2] == 0 for b in batch])
@@ -997,6 +1013,9 @@ def main(argv=None):
     ap.add_argument("--reply-tokens", type=int, default=20)
     ap.add_argument("--preserve", type=float, default=0.0,
                     help="weight of the harmless activation-preservation loss (squared L2 of the MLP output change)")
+    ap.add_argument("--harmless-distill", action="store_true",
+                    help="harmless samples: distil the base model's full next-token distributions on the reply "
+                         "(KL(base || patched) per token) instead of cross-entropy on its greedy reply")
     ap.add_argument("--rank", type=int, default=0,
                     help="0: fine-tune the whole MLP; k>0: train only a rank-k update of its down_proj")
     ap.add_argument("--mine-from", type=Path, default=None,
@@ -1158,6 +1177,8 @@ def main(argv=None):
                 "loss": "cross-entropy on reply tokens only + preserve * mean over harmless-sample tokens of "
                         "||mlp(x) - base_mlp(x)||^2",
                 "preserve": args.preserve,
+                "harmless_loss": ("KL(base || patched) per reply token (--harmless-distill)" if args.harmless_distill
+                                  else "cross-entropy on the base model's greedy reply"),
                 "hard_negatives": (dict(hn_info, added=n_mined, repeat=args.mine_repeat, prompts=mined)
                                    if mined else None),
                 "init_from": None if args.init_from is None else {
