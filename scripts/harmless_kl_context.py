@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_refusal_patch as T  # noqa: E402  (first-token log-probs and ablation hooks shared with training)
 
-from refusal_fast import datasets, load_demo_model  # noqa: E402
+from refusal_fast import load_demo_model  # noqa: E402
 from refusal_fast.demo_model import read_patch_metadata  # noqa: E402
-from refusal_fast.extract import extract_means  # noqa: E402
 
 
 def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -64,12 +62,8 @@ def main(argv=None) -> dict:
     pos = args.pos if args.pos is not None else sel.get("pos")
     if layer is None or pos is None:
         ap.error("the patch metadata records no selected direction: pass --layer and --pos")
-    rng = random.Random(99)  # same direction sample as random_direction_control.py
-    held = set(meta["split"]["harmful_test_instructions"])
-    pool = [x for x in datasets.instructions("harmful_train") if x not in held]
-    groups = {"harmful": rng.sample(pool, 128), "harmless": rng.sample(datasets.instructions("harmless_train"), 128)}
-    r = extract_means(model, tok, groups, layers=[layer], positions=[pos]).diff("harmful", "harmless")[0, 0].double()
-    hv = random.Random(0).sample(datasets.instructions("harmless_val"), 200)
+    r = T.control_direction(model, tok, meta, layer, pos)  # same samples as random_direction_control.py
+    hv = T.control_harmless(200)
     lp = {"patched": T.last_logprobs(model, tok, hv), "base": T.last_logprobs(base, tok, hv)}
     with T.direction_hooks(model, r=r.float()):
         lp["patched_ablated"] = T.last_logprobs(model, tok, hv)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import train_refusal_patch as T  # noqa: E402  (generation, classifier and ablat
 
 from refusal_fast import datasets, load_demo_model  # noqa: E402
 from refusal_fast.demo_model import read_patch_metadata  # noqa: E402
-from refusal_fast.extract import extract_means  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -41,13 +39,9 @@ def main(argv=None) -> dict:
     meta = read_patch_metadata()
     sel = meta["metrics"]["directions"]["selected"]
     layer, pos = sel["layer"], sel["pos"]
-    rng = random.Random(99)
-    held = set(meta["split"]["harmful_test_instructions"])
-    pool = [x for x in datasets.instructions("harmful_train") if x not in held]
-    groups = {"harmful": rng.sample(pool, 128), "harmless": rng.sample(datasets.instructions("harmless_train"), 128)}
-    r = extract_means(model, tok, groups, layers=[layer], positions=[pos]).diff("harmful", "harmless")[0, 0].double()
+    r = T.control_direction(model, tok, meta, layer, pos)
     unseen = datasets.instructions("harmful_val") + datasets.instructions("harmbench_test")
-    hv = random.Random(0).sample(datasets.instructions("harmless_val"), 200)
+    hv = T.control_harmless(200)
     ref_lp = T.last_logprobs(model, tok, hv)
 
     plain = T.rate(T.generate_texts(model, tok, unseen, 24))

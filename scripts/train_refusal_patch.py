@@ -688,6 +688,26 @@ def ablation_effect(model, tokenizer, direction, unseen, hv, logp_hv, plain_unse
             "weight_on_dims": _unit_weights(direction, dims)}
 
 
+def control_direction(model, tokenizer, meta: dict, layer: int, pos: int) -> torch.Tensor:
+    """The direction the control scripts use: difference in means at (``layer``, ``pos``) over a fixed seeded
+    sample of 128 harmful train prompts (held-out split excluded, per ``meta["split"]``) and 128 harmless train
+    prompts, re-extracted from ``model``: [d] float64."""
+    from refusal_fast.extract import extract_means
+
+    rng = random.Random(99)
+    held = set(meta["split"]["harmful_test_instructions"])
+    pool = [r["instruction"] for r in load_split("harmful_train") if r["instruction"] not in held]
+    groups = {"harmful": rng.sample(pool, 128),
+              "harmless": rng.sample([r["instruction"] for r in load_split("harmless_train")], 128)}
+    means = extract_means(model, tokenizer, groups, layers=[layer], positions=[pos])
+    return means.diff("harmful", "harmless")[0, 0].double()
+
+
+def control_harmless(n: int = 200) -> list[str]:
+    """The control scripts' fixed seeded sample of ``n`` harmless_val instructions."""
+    return random.Random(0).sample([r["instruction"] for r in load_split("harmless_val")], n)
+
+
 def _unit_weights(v, dims) -> list:
     """Entries of ``v / ‖v‖`` [d] at the coordinates ``dims``, rounded."""
     return [round(float(v[c] / v.norm()), 4) for c in dims]
