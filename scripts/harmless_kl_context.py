@@ -17,7 +17,6 @@ same sample as scripts/random_direction_control.py) and reports first-token KL o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import train_refusal_patch as T  # noqa: E402  (first-token log-probs and ablati
 
 from refusal_fast import load_demo_model  # noqa: E402
 from refusal_fast.demo_model import read_patch_metadata  # noqa: E402
+from refusal_fast.evaluate import save_json  # noqa: E402
 
 
 def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,7 @@ def main(argv=None) -> dict:
     for name, s in res["kl"].items():
         print(f"KL({name}): " + ", ".join(f"{k} {v}" for k, v in s.items()), flush=True)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+        save_json(res, args.out)
     return res
 
 

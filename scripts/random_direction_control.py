@@ -14,7 +14,6 @@ norm) added at the direction's layer on those 200 harmless_val prompts, refusal 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import train_refusal_patch as T  # noqa: E402  (generation, classifier and ablat
 
 from refusal_fast import datasets, load_demo_model  # noqa: E402
 from refusal_fast.demo_model import read_patch_metadata  # noqa: E402
+from refusal_fast.evaluate import save_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -58,8 +58,7 @@ def main(argv=None) -> dict:
     res.update(T.random_controls(model, tok, r, unseen, hv, ref_lp, plain, seeds=list(range(args.seeds)),
                                  n_tokens=24, actadd_layer=layer, plain_hv=plain_hv))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+        save_json(res, args.out)
     return res
 
 

@@ -996,8 +996,11 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
 
 
 def kl_ladder(first: float) -> list[float]:
-    """KL thresholds the selection tries in turn: ``first``, then the larger of 0.2, 0.5, 1 and off (inf)."""
-    return [first] + [t for t in (0.2, 0.5, 1.0, float("inf")) if t > first]
+    """KL thresholds the selection tries in turn: ``first``, then the larger steps of the library's
+    ``refusal_fast.select.KL_FALLBACK`` (0.2, 0.5, 1, off = inf)."""
+    from refusal_fast.select import KL_FALLBACK
+
+    return [first] + [t for t in (math.inf if x is None else x for x in KL_FALLBACK) if t > first]
 
 
 def merge_metrics(old: dict | None, new: dict, directions_only: bool) -> dict:
@@ -1005,8 +1008,9 @@ def merge_metrics(old: dict | None, new: dict, directions_only: bool) -> dict:
 
     A full run replaces them. A ``--skip-behaviour`` run (``directions_only``) measures behaviour only on the
     two splits the direction checks need, so it keeps the earlier run's behaviour numbers and replaces only
-    ``directions`` (and drops other ``direction*`` keys, which describe the old pick); ``eval_wall_s`` becomes ``{"behaviour": s, "directions": s}``. Without earlier behaviour
-    numbers (no ``patched`` block) the new metrics are kept whole, so nothing is invented.
+    ``directions`` (and drops other ``direction*`` keys, which describe the old pick); ``eval_wall_s`` becomes
+    ``{"behaviour": s, "directions": s}``. Without earlier behaviour numbers (no ``patched`` block) the new
+    metrics are kept whole, so nothing is invented.
     """
     if not directions_only or not old or "patched" not in old or "directions" not in new:
         return new
