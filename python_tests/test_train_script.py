@@ -83,7 +83,7 @@ def test_harmless_kl_context_statistics():
     assert same["mean"] == 0 and same["top1_agreement"] == 1.0
 
 
-def _tiny_training_run(script, tokenizer, distill: bool, lr: float):
+def _tiny_training_run(script, tokenizer, distill: bool, lr: float, reverse_kl: float = 0.0):
     """Two steps of train() on a fresh tiny Llama: returns (stats, model, MLP weights before)."""
     import random
     from types import SimpleNamespace
@@ -96,7 +96,8 @@ def _tiny_training_run(script, tokenizer, distill: bool, lr: float):
     rng = random.Random(0)
     samples = [([rng.randrange(5, 200) for _ in range(rng.randrange(3, 9))],
                 [rng.randrange(5, 200) for _ in range(rng.randrange(2, 6))], k % 2) for k in range(8)]
-    args = SimpleNamespace(rank=0, steps=2, batch=4, lr=lr, preserve=0.0, harmless_distill=distill, seed=0)
+    args = SimpleNamespace(rank=0, steps=2, batch=4, lr=lr, preserve=0.0, harmless_distill=distill,
+                           reverse_kl=reverse_kl, seed=0)
     before = {k: v.clone() for k, v in model.model.layers[1].mlp.state_dict().items()}
     stats = script.train(args, model, tokenizer, samples, layer=1)
     return stats, model, before
@@ -115,3 +116,19 @@ def test_harmless_distill_loss_is_kl_to_the_base_model(script, tokenizer):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert s["final_harmless_loss"] > 0
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_reverse_kl_adds_the_mode_seeking_term(script, tokenizer):
+    """--reverse-kl w adds w * KL(patched || base) to the harmless loss. The losses reported for the second of two
+    steps are computed on the weights after the first, whose update comes from the harmful CE alone (every KL has
+    zero gradient while patched == base): same weights, same harmful loss, a larger harmless one."""
+    s_f, _, _ = _tiny_training_run(script, tokenizer, distill=True, lr=1e-2)
+    s_j, _, _ = _tiny_training_run(script, tokenizer, distill=True, lr=1e-2, reverse_kl=1.0)
+    assert s_j["final_harmless_loss"] > s_f["final_harmless_loss"] > 0
+    assert s_j["final_harmful_loss"] == pytest.approx(s_f["final_harmful_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv", [["--reverse-kl", "1"], ["--harmless-distill", "--reverse-kl", "-1"]])
+def test_reverse_kl_needs_distill_and_a_nonnegative_weight(script, argv):
+    with pytest.raises(SystemExit):
+        script.main(argv + ["--no-eval", "--out", "/nonexistent/x.safetensors"])

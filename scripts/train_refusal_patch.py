@@ -481,6 +481,10 @@ def train(args, model, tokenizer, samples, layer: int, base_mlp=None) -> dict:
             # harmless tokens: KL(base || patched) over the whole vocabulary instead of CE on the greedy token
             lp = torch.log_softmax(logits[~harm_tok].float(), -1)
             kl_tok = (teacher.exp() * (teacher - lp)).sum(-1)
+            if args.reverse_kl > 0:
+                # + w * KL(patched || base): mode-seeking, so probability the patch puts where the base model
+                # has little (a refusal opening on a harmless prompt) costs far more than in the forward KL
+                kl_tok = kl_tok + args.reverse_kl * (lp.exp() * (lp - teacher)).sum(-1)
             per_tok = per_tok.masked_scatter(~harm_tok, kl_tok)
         loss = per_tok.mean()
         pres = torch.zeros(())
@@ -1040,6 +1044,9 @@ def main(argv=None):
     ap.add_argument("--harmless-distill", action="store_true",
                     help="harmless samples: distil the base model's full next-token distributions on the reply "
                          "(KL(base || patched) per token) instead of cross-entropy on its greedy reply")
+    ap.add_argument("--reverse-kl", type=float, default=0.0,
+                    help="with --harmless-distill: add this weight times KL(patched || base) per harmless reply "
+                         "token (1 = symmetric Jeffreys divergence)")
     ap.add_argument("--rank", type=int, default=0,
                     help="0: fine-tune the whole MLP; k>0: train only a rank-k update of its down_proj")
     ap.add_argument("--mine-from", type=Path, default=None,
@@ -1078,6 +1085,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.kl_threshold > 0:
         ap.error(f"--kl-threshold must be > 0, got {args.kl_threshold}")
+    if args.reverse_kl < 0 or (args.reverse_kl > 0 and not args.harmless_distill):
+        ap.error(f"--reverse-kl must be >= 0 and needs --harmless-distill, got {args.reverse_kl}")
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
@@ -1201,7 +1210,9 @@ def main(argv=None):
                 "loss": "cross-entropy on reply tokens only + preserve * mean over harmless-sample tokens of "
                         "||mlp(x) - base_mlp(x)||^2",
                 "preserve": args.preserve,
-                "harmless_loss": ("KL(base || patched) per reply token (--harmless-distill)" if args.harmless_distill
+                "harmless_loss": (("KL(base || patched)" + (f" + {args.reverse_kl} * KL(patched || base)"
+                                                             if args.reverse_kl > 0 else "")
+                                   + " per reply token (--harmless-distill)") if args.harmless_distill
                                   else "cross-entropy on the base model's greedy reply"),
                 "hard_negatives": (dict(hn_info, added=n_mined, repeat=args.mine_repeat, prompts=mined)
                                    if mined else None),
