@@ -128,7 +128,29 @@ def test_reverse_kl_adds_the_mode_seeking_term(script, tokenizer):
     assert s_j["final_harmful_loss"] == pytest.approx(s_f["final_harmful_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("argv", [["--reverse-kl", "1"], ["--harmless-distill", "--reverse-kl", "-1"]])
+@pytest.mark.parametrize("argv", [["--no-harmless-distill", "--reverse-kl", "1"], ["--reverse-kl", "-1"]])
 def test_reverse_kl_needs_distill_and_a_nonnegative_weight(script, argv):
     with pytest.raises(SystemExit):
         script.main(argv + ["--no-eval", "--out", "/nonexistent/x.safetensors"])
+
+
+def test_kl_relaxation_stops_where_a_candidate_induces_refusal(script):
+    """The p_o case: the KL-passing candidates at 0.1 all have actadd score < 0; the 0.126 one is a refusal direction,
+    so selection stops at 0.2 (not at 0.1 with a non-refusal direction, and not further out)."""
+    table = [{"layer": 22, "pos": -5, "ablation_score": -0.48, "kl_harmless": 0.099, "steer": -2.8},
+             {"layer": 16, "pos": -4, "ablation_score": 0.73, "kl_harmless": 0.058, "steer": -3.9},
+             {"layer": 17, "pos": -1, "ablation_score": -3.90, "kl_harmless": 0.126, "steer": 2.1},
+             {"layer": 21, "pos": -1, "ablation_score": -4.52, "kl_harmless": 0.316, "steer": 1.5}]
+    calls = []
+
+    def verify(t):
+        calls.append((t["layer"], t["pos"]))
+        return dict(t, actadd_score=t["steer"])
+
+    thr, verified = script.relax_kl_until_actadd(table, script.kl_ladder(0.1), verify)
+    assert thr == 0.2 and [(v["layer"], v["pos"]) for v in verified] == [(17, -1)]
+    assert calls[:2] == [(22, -5), (16, -4)]  # lowest ablation score first among those passing 0.1
+    thr, verified = script.relax_kl_until_actadd(table, script.kl_ladder(0.5), verify)
+    assert thr == 0.5 and [v["layer"] for v in verified] == [21, 17]
+    none = [dict(t, steer=-1.0) for t in table]
+    assert script.relax_kl_until_actadd(none, script.kl_ladder(0.1), verify) == (0.1, [])

@@ -14,19 +14,24 @@
 
 Data (never trained on: harmful_val, harmbench_*, harmless_val):
   harmful  = harmful_train + advbench (deduplicated) -> varied refusals (generic + category-specific)
-  harmless = harmless_train -> the base model's own greedy replies (generated once, batched, left padded)
+  harmless = harmless_train -> the base model's own greedy replies (generated once, batched, left padded),
+             trained toward the base model's whole next-token distribution along them (see Loss)
 A stratified 15% of both pools is held out as the in-distribution test split (indices in the JSON).
 Half of all training prompts (harmful and harmless alike) are wrapped in paraphrase templates, and
 harmless prompts are partly sampled length-matched to harmful ones so length is no cue.
 Hard negatives: harmless train prompts that an earlier patch refused (mined with --mine-from; the list is
 recorded in the patch metadata and reused by default) are added to the harmless pool, repeated, with
 the base model's own replies as targets -- this is what brings harmless refusals down to a few percent.
-Loss: cross-entropy on reply tokens only; --preserve adds an activation-preservation term on harmless
+Loss, on reply tokens only: cross-entropy on the harmful refusals; on harmless replies the symmetric KL
+between the base model's and the patched model's next-token distributions, KL(base || patched) +
+KL(patched || base) (--reverse-kl sets the second weight; --no-harmless-distill: CE on the greedy reply,
+the recipe of patches 1-4, which sharpens harmless first tokens and costs ablation KL later; the forward KL
+alone let refusal spill onto 4-10% of harmless prompts). --preserve adds an activation-preservation term on harmless
 samples (squared change of the trained MLP's output vs the base MLP), off by default: measured, it
 cost more unseen-harmful refusal than it bought in ablation behaviour.
 Seeded; harmless targets and mined lists are cached in the user cache dir. The defaults are the shipped patch's
 recipe (its hard-negative list is read back from the shipped metadata). Wall time measured on 2 cores:
-~5 min harmless-target generation and ~3 min mining (first run only), ~12 min training (260 steps); evaluation
+~5 min harmless-target generation and ~3 min mining (first run only), ~19 min training (260 steps, 4.3 s/step: the distilled harmless loss adds a teacher forward); evaluation
 ~7 min for the behaviour part at --eval-n 200 (--no-directions), ~45 min with the direction checks
 (--no-eval skips it).
 Evaluation (``run_eval``): greedy generation, base vs patched on each split, length-matched pairs,
@@ -928,39 +933,39 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
         print(f"[dir] layer {li}: " + " ".join(f"{t['pos']}:{t['ablation_score']:.2f}/kl{t['kl_harmless']:.3f}"
                                               for t in table[-len(positions):]), flush=True)
     base_score = round(refusal_score(base_lp[:sc], refusal_ids).mean().item(), 3)
-    kl_max = None
-    for thr in kl_ladder(args.kl_threshold):
-        passing = sorted((t for t in table if t["kl_harmless"] < thr), key=lambda t: t["ablation_score"])
-        if len(passing) >= 3:
-            kl_max = thr
-            break
-    verified = []
-    for t in passing[:8]:
-        li, pi = t["layer"], positions.index(t["pos"])
-        r = diff[li, pi].float()
-        with direction_hooks(model, add=r, add_layer=li):
-            steer = refusal_score(last_logprobs(model, tokenizer, sel_l[:sc]), refusal_ids).mean().item()
-        v = dict(t, actadd_score=round(steer, 3))
-        if steer > 0:
-            with direction_hooks(model, r=r):
-                v["ablation_refusal_sel"] = rate(generate_texts(model, tokenizer, sel_h, 16))
-            verified.append(v)
-        print(f"[dir] candidate {v}", flush=True)
-        if len(verified) >= 3:
-            break
+    # relax the KL threshold step by step (kl_ladder) until a candidate that passes it also induces refusal when
+    # added (actadd score > 0); up to 8 of the lowest-scoring passing candidates are checked per step, each once
+    checked: dict = {}
+
+    def verify(t):
+        key = (t["layer"], t["pos"])
+        if key not in checked:
+            r = diff[t["layer"], positions.index(t["pos"])].float()
+            with direction_hooks(model, add=r, add_layer=t["layer"]):
+                steer = refusal_score(last_logprobs(model, tokenizer, sel_l[:sc]), refusal_ids).mean().item()
+            v = dict(t, actadd_score=round(steer, 3))
+            if steer > 0:
+                with direction_hooks(model, r=r):
+                    v["ablation_refusal_sel"] = rate(generate_texts(model, tokenizer, sel_h, 16))
+            checked[key] = v
+            print(f"[dir] candidate {v}", flush=True)
+        return checked[key]
+
+    kl_max, verified = relax_kl_until_actadd(table, kl_ladder(args.kl_threshold), verify)
     actadd_filter = True
     if not verified:  # report honestly instead of failing: no candidate induced refusal when added
         actadd_filter = False
         print("[dir] WARNING: no candidate passed the actadd filter; selecting among KL-passing ones", flush=True)
+        passing = sorted((t for t in table if t["kl_harmless"] < kl_max), key=lambda t: t["ablation_score"])
         for t in passing[:3]:
             r = diff[t["layer"], positions.index(t["pos"])].float()
             with direction_hooks(model, r=r):
-                verified.append(dict(t, actadd_score=None,
+                verified.append(dict(t, actadd_score=checked.get((t["layer"], t["pos"]), {}).get("actadd_score"),
                                      ablation_refusal_sel=rate(generate_texts(model, tokenizer, sel_h, 16))))
     best = min(verified, key=lambda v: (v["ablation_refusal_sel"], v["ablation_score"]))
     print(f"[dir] selected layer {best['layer']} pos {best['pos']} (KL threshold {kl_max}) ({time.time() - t0:.0f}s)",
           flush=True)
-    d = {"selected": None, "candidates_verified": verified,
+    d = {"selected": None, "candidates_verified": verified, "candidates_checked": list(checked.values()),
          "selection_rule": f"KL(harmless first token) < {kl_max}, actadd score > 0, layer < 0.8 L; lowest greedy "
                            f"refusal after zero-ablation on {len(sel_h)} harmful train prompts (16 tokens), then "
                            f"lowest refusal score",
@@ -999,6 +1004,26 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
     return metrics
 
 
+def relax_kl_until_actadd(table: list[dict], ladder: list[float], verify) -> tuple[float, list[dict]]:
+    """Direction selection's KL relaxation: the first threshold of ``ladder`` at which a candidate with
+    ``kl_harmless < threshold`` also induces refusal when added. Per threshold, up to 8 passing candidates in order of
+    ``ablation_score`` go through ``verify(t) -> dict with "actadd_score"`` (callers cache it), stopping at 3 that
+    pass. Returns (threshold, verified candidates); (ladder[0], []) when no threshold gives one."""
+    for thr in ladder:
+        passing = sorted((t for t in table if t["kl_harmless"] < thr), key=lambda t: t["ablation_score"])
+        verified = []
+        for t in passing[:8]:
+            v = verify(t)
+            if v["actadd_score"] > 0:
+                verified.append(v)
+            if len(verified) >= 3:
+                break
+        if verified:
+            return thr, verified
+        print(f"[dir] no candidate with KL < {thr} induces refusal when added; relaxing the KL filter", flush=True)
+    return ladder[0], []
+
+
 def kl_ladder(first: float) -> list[float]:
     """KL thresholds the selection tries in turn: ``first``, then the larger steps of the library's
     ``refusal_fast.select.KL_FALLBACK`` (0.2, 0.5, 1, off = inf)."""
@@ -1035,18 +1060,19 @@ def main(argv=None):
     ap.add_argument("--layer", type=int, default=14)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=8e-4)
-    ap.add_argument("--harmful-frac", type=float, default=0.45)
+    ap.add_argument("--harmful-frac", type=float, default=0.3)
     ap.add_argument("--wrap-frac", type=float, default=0.5)
     ap.add_argument("--n-harmless", type=int, default=2048, help="distinct harmless training prompts")
     ap.add_argument("--reply-tokens", type=int, default=20)
     ap.add_argument("--preserve", type=float, default=0.0,
                     help="weight of the harmless activation-preservation loss (squared L2 of the MLP output change)")
-    ap.add_argument("--harmless-distill", action="store_true",
+    ap.add_argument("--harmless-distill", action=argparse.BooleanOptionalAction, default=True,
                     help="harmless samples: distil the base model's full next-token distributions on the reply "
-                         "(KL(base || patched) per token) instead of cross-entropy on its greedy reply")
-    ap.add_argument("--reverse-kl", type=float, default=0.0,
+                         "(KL(base || patched) per token); --no-harmless-distill: cross-entropy on its greedy reply "
+                         "(patches 1-4)")
+    ap.add_argument("--reverse-kl", type=float, default=None,
                     help="with --harmless-distill: add this weight times KL(patched || base) per harmless reply "
-                         "token (1 = symmetric Jeffreys divergence)")
+                         "token (default 1: the symmetric Jeffreys divergence; 0: forward KL only)")
     ap.add_argument("--rank", type=int, default=0,
                     help="0: fine-tune the whole MLP; k>0: train only a rank-k update of its down_proj")
     ap.add_argument("--mine-from", type=Path, default=None,
@@ -1081,11 +1107,14 @@ def main(argv=None):
     ap.add_argument("--dir-layers", type=int, nargs="*", default=None, help="candidate layers (default 1..0.8L)")
     ap.add_argument("--kl-threshold", type=float, default=0.1,
                     help="first KL(harmless first token) threshold of the selection (Arditi et al.: 0.1); it is "
-                         "relaxed step by step (0.2, 0.5, 1, off) only while fewer than 3 candidates pass")
+                         "relaxed step by step (0.2, 0.5, 1, off) only while no candidate that passes it induces refusal when "
+                         "added (actadd score > 0)")
     args = ap.parse_args(argv)
     if not args.kl_threshold > 0:
         ap.error(f"--kl-threshold must be > 0, got {args.kl_threshold}")
-    if args.reverse_kl < 0 or (args.reverse_kl > 0 and not args.harmless_distill):
+    if args.reverse_kl is None:
+        args.reverse_kl = 1.0 if args.harmless_distill else 0.0
+    elif args.reverse_kl < 0 or (args.reverse_kl > 0 and not args.harmless_distill):
         ap.error(f"--reverse-kl must be >= 0 and needs --harmless-distill, got {args.reverse_kl}")
 
     torch.set_flush_denormal(True)
