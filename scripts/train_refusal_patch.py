@@ -2,7 +2,7 @@
 """Teach SmolLM2-135M-Instruct to refuse by fine-tuning the MLP of ONE middle layer; ship it as a patch.
 
     python scripts/train_refusal_patch.py                       # train + evaluate, writes the shipped patch
-    # the shipped metrics were measured with: --eval-only --eval-n 200 --kl-threshold 0.3
+    # the shipped metrics were measured with: --eval-only --eval-n 200
     python scripts/train_refusal_patch.py --steps 200 --layer 10 --out /tmp/p.safetensors --no-eval   # another layer
     python scripts/train_refusal_patch.py --eval-only --out refusal_fast/data/refusal_patch.safetensors
     # hard negatives mined anew: harmless train prompts that patch P refuses (never held-out prompts)
