@@ -783,6 +783,7 @@ def direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, cand, spli
     hv = splits["harmless_val"]
     logp_hv = last_logprobs(model, tokenizer, hv)
     plain_hv = texts[("patched", "harmless_val")]
+    d["harmless_val_degenerate_without_intervention"] = degeneration(plain_hv)  # the heuristic's base rate
 
     def harmless_side(ctx):
         with ctx:
