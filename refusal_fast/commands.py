@@ -43,7 +43,7 @@ _CONDITION_SPLITS = {
     "random_actadd": ("harmless",),
 }
 
-#: Demo sizes: (default run, --quick run). The default demo takes about 8.5 minutes on 2 idle CPU cores
+#: Demo sizes: (default run, --quick run). The default demo takes about 9 minutes on 2 idle CPU cores
 #: with the 135M-parameter demo model (measured; ~80% of it the 126-candidate selection); --quick is for smoke tests.
 DEMO_SIZES = {
     "n_train": (128, 16),
@@ -60,8 +60,8 @@ def demo_select_layers(n_layers: int) -> list[int]:
     """The demo's candidate layers: every layer from 10% to 80% depth (the selection prunes the last 20%).
 
     Every layer, not every second one: on the demo model the candidates' harmless KL changes sharply from one
-    layer to the next (measured: 0.21 at layer 20, last position; 1.1-5.4 at the layers around it), so
-    skipping layers can miss the one usable direction.
+    layer to the next (measured with refusal patch 4: 0.21 at layer 20, last position; 1.1-5.4 at the layers
+    around it), so skipping layers can miss the one usable direction.
     """
     lo, hi = max(1, n_layers // 10), max(2, int(0.8 * n_layers))
     return list(range(lo, hi)) if hi - lo > 6 else list(range(n_layers))
