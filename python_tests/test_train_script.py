@@ -135,7 +135,7 @@ def test_reverse_kl_needs_distill_and_a_nonnegative_weight(script, argv):
 
 
 def test_kl_relaxation_stops_where_a_candidate_induces_refusal(script):
-    """The p_o case: the KL-passing candidates at 0.1 all have actadd score < 0; the 0.126 one is a refusal direction,
+    """Patch 5's case: the KL-passing candidates at 0.1 all have actadd score < 0; the 0.126 one is a refusal direction,
     so selection stops at 0.2 (not at 0.1 with a non-refusal direction, and not further out)."""
     table = [{"layer": 22, "pos": -5, "ablation_score": -0.48, "kl_harmless": 0.099, "steer": -2.8},
              {"layer": 16, "pos": -4, "ablation_score": 0.73, "kl_harmless": 0.058, "steer": -3.9},
