@@ -957,8 +957,7 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
     if not verified:  # report honestly instead of failing: no candidate induced refusal when added
         actadd_filter = False
         print("[dir] WARNING: no candidate passed the actadd filter; selecting among KL-passing ones", flush=True)
-        passing = sorted((t for t in table if t["kl_harmless"] < kl_max), key=lambda t: t["ablation_score"])
-        for t in passing[:3]:
+        for t in kl_passing(table, kl_max)[:3]:
             r = diff[t["layer"], positions.index(t["pos"])].float()
             with direction_hooks(model, r=r):
                 verified.append(dict(t, actadd_score=checked.get((t["layer"], t["pos"]), {}).get("actadd_score"),
@@ -1005,15 +1004,19 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
     return metrics
 
 
+def kl_passing(table: list[dict], threshold: float) -> list[dict]:
+    """Candidates with ``kl_harmless < threshold``, lowest ``ablation_score`` (most refusal removed) first."""
+    return sorted((t for t in table if t["kl_harmless"] < threshold), key=lambda t: t["ablation_score"])
+
+
 def relax_kl_until_actadd(table: list[dict], ladder: list[float], verify) -> tuple[float, list[dict]]:
     """Direction selection's KL relaxation: the first threshold of ``ladder`` at which a candidate with
     ``kl_harmless < threshold`` also induces refusal when added. Per threshold, up to 8 passing candidates in order of
     ``ablation_score`` go through ``verify(t) -> dict with "actadd_score"`` (callers cache it), stopping at 3 that
     pass. Returns (threshold, verified candidates); (ladder[0], []) when no threshold gives one."""
     for thr in ladder:
-        passing = sorted((t for t in table if t["kl_harmless"] < thr), key=lambda t: t["ablation_score"])
         verified = []
-        for t in passing[:8]:
+        for t in kl_passing(table, thr)[:8]:
             v = verify(t)
             if v["actadd_score"] > 0:
                 verified.append(v)
