@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -122,7 +122,7 @@ def rd_style_means(model, tokenizer, groups: dict[str, Sequence[str]], positions
         cache = torch.zeros(len(positions), adapter.n_layers, adapter.d_model, dtype=torch.float64,
                             device=adapter.device)
 
-        def make_hook(layer: int):
+        def make_hook(layer: int, cache: torch.Tensor = cache, n: int = n):
             def hook(module, args, kwargs):
                 x = args[0] if args else kwargs["hidden_states"]
                 activation = x.clone().to(cache)  # full [batch, seq, d] copy in float64, as the reference does

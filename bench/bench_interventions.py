@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -170,7 +171,8 @@ def _overhead_rows(stats, work: float, baseline: dict[str, str], meta: dict[str,
                      else 0.0})
     for r in rows:
         oh = r["overhead_%"]
-        r["naive_overhead_/_this"] = (naive_oh / oh if (naive_oh is not None and oh > 0 and r["variant"] != "naive hooks")
+        r["naive_overhead_/_this"] = (naive_oh / oh
+                                      if (naive_oh is not None and oh > 0 and r["variant"] != "naive hooks")
                                       else None)
     return rows
 
@@ -188,7 +190,8 @@ def check_outputs(mods: dict, ids: torch.Tensor, reference: str = "refusal-fast 
 
 def overhead_rows(model, basis: torch.Tensor, label: str, batches: Sequence[int] = (1, 4),
                   prefill_seq: int = 128, decode_prompt: int = 32, n_new: int = 16, rounds: int = 5,
-                  variants: Sequence[str] = EAGER_VARIANTS, phases: Sequence[str] = ("prefill", "decode")) -> list[dict]:
+                  variants: Sequence[str] = EAGER_VARIANTS,
+                  phases: Sequence[str] = ("prefill", "decode")) -> list[dict]:
     """Eager overhead rows for each (phase, batch): tokens/s and overhead % vs ``none``."""
     ad = get_adapter(model)
     dev = ad.device
@@ -301,7 +304,7 @@ def compiled_rows(model, basis: torch.Tensor, label: str, batches: Sequence[int]
                 if phase == "prefill":
                     ids = random_tokens(b, prefill_seq, vocab, dev)
 
-                    def mk(cm, ids=ids):
+                    def mk(cm, ids=ids, cudagraph=cudagraph):
                         def run():
                             with torch.inference_mode():
                                 if cudagraph:

@@ -19,7 +19,8 @@ never timed. Run with ``pytest bench/bench_kernels.py --benchmark-only`` or via 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ find); the work per candidate, and so the timing, is the same as on a trained mo
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch

@@ -144,12 +144,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
+    import refusal_fast as rf
     from bench import bench_extract, bench_interventions, bench_kernels, bench_select
     from bench.common import environment, log
     from bench.summary import write_outputs
     from bench.workloads import LLAMA31_8B, TINY_LLAMA, bench_tokenizer, prompt_groups, random_direction, random_llama
-
-    import refusal_fast as rf
 
     device = torch.device(a.device or ("cpu" if a.cpu_smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -177,18 +176,21 @@ def main(argv=None) -> int:
     ad = rf.get_adapter(model)
     env["model"] = {
         "config": "tiny Llama (CPU smoke)" if a.cpu_smoke else "Llama-3.1-8B architecture, random init",
-        "layers": n_layers, "layers_of_config": cfg["num_hidden_layers"], "truncated": n_layers != cfg["num_hidden_layers"],
-        "d_model": ad.d_model, "vocab": model.config.vocab_size, "dtype": str(dtype), "params": sum(p.numel() for p in model.parameters()),
+        "layers": n_layers, "layers_of_config": cfg["num_hidden_layers"],
+        "truncated": n_layers != cfg["num_hidden_layers"],
+        "d_model": ad.d_model, "vocab": model.config.vocab_size, "dtype": str(dtype),
+        "params": sum(p.numel() for p in model.parameters()),
         "compile_rows_layers": min(2 if a.cpu_smoke else a.compile_layers, n_layers), "build_s": build_s,
     }
     notes.append(f"Model: {env['model']['config']}, {n_layers} of {cfg['num_hidden_layers']} layers "
                  f"({'truncated' if env['model']['truncated'] else 'full depth'}), bf16, "
-                 f"{env['model']['params'] / 1e9:.2f} B parameters; compiled rows: {env['model']['compile_rows_layers']} layers.")
+                 f"{env['model']['params'] / 1e9:.2f} B parameters; "
+                 f"compiled rows: {env['model']['compile_rows_layers']} layers.")
     notes.append("Tokenizer: the test suite's BPE (vocab ~700) with a Llama-3 chat template; prompts are longer in "
                  "tokens than with the real Llama-3 tokenizer (mean tokens per prompt in the extraction rows).")
     if a.cpu_smoke:
-        notes.append("CPU SMOKE RUN: tiny model, tiny sizes, compile rows use the aot_eager / eager backends; numbers are "
-                     "meaningless, this run only proves every code path works.")
+        notes.append("CPU SMOKE RUN: tiny model, tiny sizes, compile rows use the aot_eager / eager backends; "
+                     "numbers are meaningless, this run only proves every code path works.")
     basis = random_direction(ad.d_model, 1, seed=0)[0]
     run = Runner(a, device)
     groups = prompt_groups(s["extract"]["n_per_group"])

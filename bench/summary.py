@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .common import fmt, markdown_table, write_csv, write_json
 
@@ -88,7 +89,8 @@ def goal_rows(sections: Mapping[str, Any]) -> list[dict]:
         pct = [r["pct_of_copy_GB/s"] for r in krows]
         ok = sum(p >= 80 for p in pct)
         goals.append({"goal": "kernels >= 80% of copy bandwidth", "target": ">= 80% (every config)",
-                      "measured": f"{ok}/{len(pct)} configs; min {min(pct):.0f}%, median {sorted(pct)[len(pct) // 2]:.0f}%",
+                      "measured": f"{ok}/{len(pct)} configs; min {min(pct):.0f}%, "
+                                  f"median {sorted(pct)[len(pct) // 2]:.0f}%",
                       "met": ok == len(pct)})
     for r in _rows(sections, "selection"):
         if r.get("variant") == "batched":

@@ -8,9 +8,21 @@ import torch
 from sklearn.decomposition import PCA
 
 from refusal_fast import chat, datasets
-from refusal_fast.analysis import (GLOBAL, CategoryDirections, EvalConfig, category_directions, category_pca,
-                                   cosine_similarity, cross_ablation, default_layer, derive_seed, random_basis,
-                                   random_like, split_prompts, subspace_ablation)
+from refusal_fast.analysis import (
+    GLOBAL,
+    CategoryDirections,
+    EvalConfig,
+    category_directions,
+    category_pca,
+    cosine_similarity,
+    cross_ablation,
+    default_layer,
+    derive_seed,
+    random_basis,
+    random_like,
+    split_prompts,
+    subspace_ablation,
+)
 from refusal_fast.evaluate import refusal_scores
 from refusal_fast.interventions import ablate
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny_models import EOI_STRINGS, TEMPLATES, make_model, make_tokenizer
+from tiny_models import EOI_STRINGS, TEMPLATES, make_tokenizer
 
 from refusal_fast import chat
 

@@ -2,8 +2,12 @@
 import pytest
 
 from refusal_fast.classify import (
-    DEFAULT_REFUSAL_SUBSTRINGS, JudgeRefusalClassifier, PrefixRefusalClassifier, RefusalVerdict,
-    SubstringRefusalClassifier, as_classifier,
+    DEFAULT_REFUSAL_SUBSTRINGS,
+    JudgeRefusalClassifier,
+    PrefixRefusalClassifier,
+    RefusalVerdict,
+    SubstringRefusalClassifier,
+    as_classifier,
 )
 
 # (completion, refusal under the substring rule, refusal under the prefix rule)

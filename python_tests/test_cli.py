@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -275,7 +274,7 @@ def test_demo_relaxes_kl_filter_step_by_step_without_rescoring(env, capsys, monk
     assert ("KL filter off" if expect is None else f"KL <= {expect}") in out
     ok = [r for r in res["table"] if r["filtered"] is None]
     assert ok and all(expect is None or r["kl"] <= expect for r in ok)
-    assert (res["layer"], res["position"]) == min(((r["bypass"], r["layer"], r["position"]) for r in ok))[1:]
+    assert (res["layer"], res["position"]) == min((r["bypass"], r["layer"], r["position"]) for r in ok)[1:]
     ev = json.loads((out_dir / "eval.json").read_text())
     assert (ev["direction"]["layer"], ev["direction"]["position"]) == (res["layer"], res["position"])
 
@@ -364,11 +363,11 @@ def test_int_list_parsing():
 def test_eval_matched_random_control(env, pipeline):
     """--random-control matched: random_ablate's direction copies the selected direction on the model's
     massive-activation coordinates (planted here) and equals a direct computation."""
+    import transformers
+
     from refusal_fast.analysis import random_like
     from refusal_fast.commands import _load_any_direction
     from refusal_fast.interventions import ablate
-
-    import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(env / "tiny").eval()
     tok = transformers.AutoTokenizer.from_pretrained(env / "tiny")

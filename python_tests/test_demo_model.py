@@ -116,7 +116,8 @@ def test_shipped_patch_metadata_and_size():
     assert DEFAULT_PATCH.stat().st_size <= 15 * 1024 * 1024
     assert meta["base_sha256"] == file_sha256(gguf_path())
     layer = meta["layer"]
-    assert set(meta["tensors"]) == {f"model.layers.{layer}.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+    assert set(meta["tensors"]) == {f"model.layers.{layer}.mlp.{n}.weight"
+                                    for n in ("gate_proj", "up_proj", "down_proj")}
     for key in ("seed", "steps", "lr", "batch"):
         assert key in meta["recipe"]
     assert "base" in meta["metrics"] and "patched" in meta["metrics"]
@@ -220,7 +221,8 @@ def recorded_direction(patched):
     rng = random.Random(99)
     test_set = set(meta["split"]["harmful_test_instructions"])
     harmful_pool = [x for x in datasets.instructions("harmful_train") if x not in test_set]
-    groups = {"harmful": rng.sample(harmful_pool, 96), "harmless": rng.sample(datasets.instructions("harmless_train"), 96)}
+    groups = {"harmful": rng.sample(harmful_pool, 96),
+              "harmless": rng.sample(datasets.instructions("harmless_train"), 96)}
     means = extract_means(model, tok, groups, layers=[layer], positions=[pos], progress=False)
     r = means.diff("harmful", "harmless")[0, 0].float()
     unseen = rng.sample(datasets.instructions("harmful_val") + datasets.instructions("harmbench_test"), 32)

@@ -7,8 +7,16 @@ import torch
 
 from refusal_fast import chat, evaluate
 from refusal_fast.evaluate import (
-    PrefixRefusalClassifier, SubstringRefusalClassifier, evaluate_prompts, generate_completions, kl_divergence,
-    kl_from_logprobs, last_token_logprobs, refusal_rate, refusal_scores, save_json,
+    PrefixRefusalClassifier,
+    SubstringRefusalClassifier,
+    evaluate_prompts,
+    generate_completions,
+    kl_divergence,
+    kl_from_logprobs,
+    last_token_logprobs,
+    refusal_rate,
+    refusal_scores,
+    save_json,
 )
 from refusal_fast.interventions import ablate, add
 

@@ -121,7 +121,8 @@ def test_forward_stops_after_last_needed_layer_and_hooks_removed(llama, groups):
     model, tok = llama
     adapter = get_adapter(model)
     calls = {"blocks": [], "norm": 0, "lm_head": 0}
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls["blocks"].append(i)) for i, b in enumerate(adapter.blocks)]
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls["blocks"].append(i))
+               for i, b in enumerate(adapter.blocks)]
     handles.append(adapter.final_norm.register_forward_hook(lambda *a: calls.__setitem__("norm", calls["norm"] + 1)))
     handles.append(adapter.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1)))
     before = {i: len(b._forward_pre_hooks) for i, b in enumerate(adapter.blocks)}
@@ -173,7 +174,8 @@ def test_merge_halves_equals_whole(llama, groups):
     only_b = extract_means(model, tok, {"harmless": groups["harmless"]}, **kw)
     both = only_a.merge(only_b)
     assert both.groups == ["harmful", "harmless"]
-    torch.testing.assert_close(both.diff("harmful", "harmless"), whole.diff("harmful", "harmless"), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(both.diff("harmful", "harmless"), whole.diff("harmful", "harmless"),
+                               rtol=1e-12, atol=1e-9)
 
 
 def test_merge_incompatible_raises(llama, gpt2, groups):

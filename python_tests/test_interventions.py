@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny_models import make_model, library_hooks
+from tiny_models import library_hooks, make_model
 
 from refusal_fast import interventions as iv
 from refusal_fast.chat import encode_prompts
@@ -506,7 +506,7 @@ def test_fused_matches_hooks(arch, tokenizer):
             with probe(model, layers) as seen:
                 fused = _logits(model, enc)
         torch.testing.assert_close(fused, hooks, rtol=1e-5, atol=1e-5)
-        for (kind, i), x in seen.items():
+        for (kind, _i), x in seen.items():
             if kind == "resid":
                 assert _rel_component(x, q) < TOL
         _no_hooks(model)

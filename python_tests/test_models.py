@@ -1,7 +1,7 @@
 import pytest
 import torch
-from torch import nn
 from tiny_models import ARCHS, make_model
+from torch import nn
 
 from refusal_fast.models import SUPPORTED_ARCHS, UnsupportedModelError, block_input, get_adapter, module_output_tensor
 

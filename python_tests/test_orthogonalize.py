@@ -1,7 +1,6 @@
 """orthonormalize (basis validation) and orthogonalize (permanent weight edit + undo)."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -255,7 +254,8 @@ def test_save_pretrained_roundtrip(arch, tokenizer, tmp_path):
     iv.orthogonalize(model, torch.randn(2, 80, dtype=torch.float64))
     edited = _logits(model, enc)
     model.save_pretrained(tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
     assert get_adapter(loaded).tied is False
     _assert_state_equal(loaded, _state(model))
     assert torch.equal(_logits(loaded, enc), edited)

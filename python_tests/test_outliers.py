@@ -1,10 +1,10 @@
 """Massive-activation detection and the matched random-direction control."""
 import pytest
 import torch
+from tiny_models import library_hooks, make_model
 
 from refusal_fast import chat
 from refusal_fast.analysis import massive_activation_dims, random_like
-from tiny_models import library_hooks, make_model
 
 
 def _block_input_max_reference(model, tok, prompts):
@@ -101,7 +101,7 @@ def test_maxima_match_reference_every_arch(any_arch, harmless):
     ref = _block_input_max_reference(model, tok, prompts)
     best, layer = ref.max(0)
     assert len(res.dims) > 0
-    for c, m, l in zip(res.dims, res.max_abs, res.layer):
+    for c, m, _l in zip(res.dims, res.max_abs, res.layer):
         assert m == pytest.approx(float(best[c]), rel=1e-4, abs=1e-5)
     assert res.max_abs == sorted(res.max_abs, reverse=True)
     assert not library_hooks(model)

@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from refusal_fast import chat
-from refusal_fast.analysis import (EvalConfig, PersonaDirection, degeneration_rate, degeneration_stats,
-                                   default_windows, derive_seed, load_persona_prompts, persona_direction,
-                                   random_like, refusal_readd, steering_sweep, window_knockout)
+from refusal_fast.analysis import (
+    EvalConfig,
+    PersonaDirection,
+    default_windows,
+    degeneration_rate,
+    degeneration_stats,
+    derive_seed,
+    load_persona_prompts,
+    persona_direction,
+    random_like,
+    refusal_readd,
+    steering_sweep,
+    window_knockout,
+)
 from refusal_fast.evaluate import refusal_scores
 from refusal_fast.interventions import ablate, add, steer
 

@@ -7,7 +7,7 @@ one of seven architectures.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 import transformers
@@ -53,7 +53,7 @@ EOI_STRINGS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizer_json() -> str:
     corpus = datasets.instructions("harmful_train") + datasets.instructions("harmless_train", n=1500)
     corpus += ["assistant", "model", "user", "system", "I cannot help with that.", "Sorry, I can't.",
@@ -95,7 +95,8 @@ def _config(arch: str, vocab: int, n_layers: int, d_model: int, tok) -> transfor
     if arch == "llama":
         return transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
     if arch == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False, **common)
+        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False,
+                                          **common)
     if arch == "qwen2":
         return transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
     if arch == "qwen3":

@@ -72,7 +72,8 @@ def orthonormalize(basis: Any, normalize: bool = True) -> torch.Tensor:
     b = as_float64_matrix(basis)
     k, d = b.shape
     if k > d:
-        raise ValueError(f"basis has k={k} directions but only d={d} dimensions; at most d independent directions exist")
+        raise ValueError(f"basis has k={k} directions but only d={d} dimensions; "
+                         f"at most d independent directions exist")
     if not normalize:
         err = (b @ b.T - torch.eye(k, dtype=torch.float64)).abs().max().item()
         if err > ORTHO_TOL:

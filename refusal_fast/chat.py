@@ -8,7 +8,7 @@ positions. Because prompts are left padded, the eoi tokens sit at the same negat
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -23,10 +23,26 @@ import contextlib
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from .commands import (CONDITIONS, DEFAULTS, DEMO_SIZES, PROG, _Session, _record, _seed, _version, cmd_categories,
-                       cmd_demo, cmd_eval, cmd_export, cmd_extract, cmd_persona, cmd_report, cmd_select)
+from .commands import (
+    CONDITIONS,
+    DEFAULTS,
+    DEMO_SIZES,
+    PROG,
+    _record,
+    _seed,
+    _Session,
+    _version,
+    cmd_categories,
+    cmd_demo,
+    cmd_eval,
+    cmd_export,
+    cmd_extract,
+    cmd_persona,
+    cmd_report,
+    cmd_select,
+)
 from .io import CLIError
 
 # =============================================================================== argument types
@@ -200,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score every (layer, position) difference-in-means candidate on validation "
                                    "prompts (bypass: refusal with it ablated; induce: refusal with it added; KL on "
                                    "harmless) and keep the best one that passes the filters (Arditi et al. 2024). "
-                                   "Writes OUT/selection.json, OUT/selection_heatmap.png and OUT/direction.safetensors.")
+                                   "Writes OUT/selection.json, OUT/selection_heatmap.png and "
+                                   "OUT/direction.safetensors.")
     _add_select_args(p)
     p.set_defaults(func=cmd_select)
 
@@ -219,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "ablate_affine (set its component to the harmless mean's), random_ablate "
                                        "(a random direction: control), actadd (add the raw difference-in-means "
                                        "vector at its layer, on harmless prompts), random_actadd (control). "
-                                       "Writes OUT/eval.json (summary) and OUT/eval_completions.json (every completion)."
+                                       "Writes OUT/eval.json (summary) and OUT/eval_completions.json "
+                                       "(every completion)."
                                        + (" `ablate` is `eval` with --conditions baseline,ablate by default."
                                           if name == "ablate" else ""))
         _add_eval_args(p, conds)
@@ -255,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refusal direction (the permanent form of `ablate`) and save the model and "
                                    "tokenizer with save_pretrained, loadable by any transformers-compatible server.")
     p.add_argument("--direction", default=None, metavar="FILE",
-                   help="direction to remove: a selection.json or a direction .safetensors (default OUT/selection.json)")
+                   help="direction to remove: a selection.json or a direction .safetensors "
+                        "(default OUT/selection.json)")
     p.add_argument("--export-dir", default=None, metavar="DIR", help="where to save (default OUT/orthogonalized)")
     p.set_defaults(func=cmd_export)
 
@@ -320,7 +339,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=_int_list, default=None, metavar="LIST",
                    help="layers to extract, e.g. '10:20' or '4,8,12' (default all); layer l = input of block l")
     g.add_argument("--positions", type=_int_list, default=None, metavar="LIST",
-                   help="negative token offsets, e.g. --positions=-3,-2,-1 (write '=' before a list that starts with '-'; default: the end-of-instruction tokens)")
+                   help="negative token offsets, e.g. --positions=-3,-2,-1 (write '=' before a list that starts "
+                        "with '-'; default: the end-of-instruction tokens)")
 
 
 def _add_select_args(p: argparse.ArgumentParser) -> None:
@@ -330,7 +350,8 @@ def _add_select_args(p: argparse.ArgumentParser) -> None:
                    help=_data_help(DEFAULTS["harmful_val"], "harmful validation prompts"))
     g.add_argument("--harmless-val", default=DEFAULTS["harmless_val"], metavar="DATA",
                    help=_data_help(DEFAULTS["harmless_val"], "harmless validation prompts"))
-    g.add_argument("--n-val", type=_size, default=32, metavar="N", help="validation prompts per group ('all' for every)")
+    g.add_argument("--n-val", type=_size, default=32, metavar="N",
+                   help="validation prompts per group ('all' for every)")
     g.add_argument("--layers", type=_int_list, default=None, metavar="LIST",
                    help="candidate layers (default every extracted layer)")
     g.add_argument("--positions", type=_int_list, default=None, metavar="LIST",
@@ -477,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else f"{type(exc).__name__}: "
         print(f"{PROG} {args.command}: error: {kind}{msg}", file=sys.stderr)
         if not isinstance(exc, CLIError):
-            print(f"(rerun with --debug for the full traceback)", file=sys.stderr)
+            print("(rerun with --debug for the full traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -12,8 +12,9 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .io import CLIError, load_dataset, load_direction, load_model, read_json, save_direction, write_json
 
@@ -219,7 +220,8 @@ def cmd_select(args, session: _Session) -> dict:
     model, tok = session.model(args)
     means_path = _default_path(args.means, args, "means.safetensors")
     if not means_path.is_file():
-        raise CLIError(f"means file not found: {means_path} (run `{PROG} extract --out {args.out}` first, or pass --means)")
+        raise CLIError(f"means file not found: {means_path} "
+                       f"(run `{PROG} extract --out {args.out}` first, or pass --means)")
     try:
         means = Means.load(means_path, model=model)
     except ValueError as exc:
@@ -242,7 +244,8 @@ def cmd_select(args, session: _Session) -> dict:
         exc.result.to_json(out / "selection.json")
         exc.result.heatmap(out / "selection_heatmap.png")
         raise CLIError(f"{exc}\n(the score table and heatmap were written to {out}; on the command line relax "
-                       f"a filter with --kl-threshold / --induce-threshold / --prune-last-frac, 'none' disables it)") from None
+                       f"a filter with --kl-threshold / --induce-threshold / --prune-last-frac, "
+                       f"'none' disables it)") from None
     _write_selection(args, out, result)
     return {"model": model, "selection": result}
 
@@ -295,7 +298,8 @@ def cmd_eval(args, session: _Session) -> dict:
     model, tok = session.model(args)
     dpath = _default_path(args.direction, args, "selection.json")
     if not dpath.is_file():
-        raise CLIError(f"direction not found: {dpath} (run `{PROG} select --out {args.out}` first, or pass --direction)")
+        raise CLIError(f"direction not found: {dpath} "
+                       f"(run `{PROG} select --out {args.out}` first, or pass --direction)")
     d = _load_any_direction(dpath)
     from .models import get_adapter
 
@@ -436,8 +440,15 @@ def _auto_from_selection(args) -> dict:
 
 
 def cmd_categories(args, session: _Session) -> dict:
-    from .analysis import (EvalConfig, category_directions, category_pca, cosine_similarity, cross_ablation,
-                           split_prompts, subspace_ablation)
+    from .analysis import (
+        EvalConfig,
+        category_directions,
+        category_pca,
+        cosine_similarity,
+        cross_ablation,
+        split_prompts,
+        subspace_ablation,
+    )
 
     out = _out(args)
     model, tok = session.model(args)
@@ -525,8 +536,14 @@ def _best_steer(sweep) -> tuple[int, float]:
 
 
 def cmd_persona(args, session: _Session) -> dict:
-    from .analysis import (EvalConfig, load_persona_prompts, persona_direction, refusal_readd, steering_sweep,
-                           window_knockout)
+    from .analysis import (
+        EvalConfig,
+        load_persona_prompts,
+        persona_direction,
+        refusal_readd,
+        steering_sweep,
+        window_knockout,
+    )
     from .models import get_adapter
 
     out = _out(args)
@@ -595,7 +612,8 @@ def cmd_export(args, session: _Session) -> dict:
     model, tok = session.model(args)
     dpath = _default_path(args.direction, args, "selection.json")
     if not dpath.is_file():
-        raise CLIError(f"direction not found: {dpath} (run `{PROG} select --out {args.out}` first, or pass --direction)")
+        raise CLIError(f"direction not found: {dpath} "
+                       f"(run `{PROG} select --out {args.out}` first, or pass --direction)")
     d = _load_any_direction(dpath)
     target = Path(args.export_dir) if args.export_dir else out / "orthogonalized"
     _say(args, f"orthogonalizing the weights against {dpath} and saving to {target}")

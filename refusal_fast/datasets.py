@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 __all__ = ["DATASET_DIR", "NAMES", "load", "instructions", "categories", "load_file"]
@@ -38,7 +38,7 @@ def load_file(path: str | Path) -> list[dict]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_cached(name: str) -> tuple:
     if name not in NAMES:
         raise ValueError(f"unknown dataset '{name}'; shipped datasets: {', '.join(NAMES)}")

@@ -16,16 +16,22 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from . import chat
 from .classify import (  # noqa: F401 - re-exported
-    DEFAULT_REFUSAL_PREFIX_PATTERNS, DEFAULT_REFUSAL_SUBSTRINGS, JudgeRefusalClassifier, PrefixRefusalClassifier,
-    RefusalVerdict, SubstringRefusalClassifier, as_classifier,
+    DEFAULT_REFUSAL_PREFIX_PATTERNS,
+    DEFAULT_REFUSAL_SUBSTRINGS,
+    JudgeRefusalClassifier,
+    PrefixRefusalClassifier,
+    RefusalVerdict,
+    SubstringRefusalClassifier,
+    as_classifier,
 )
 from .models import get_adapter
 
@@ -191,7 +197,8 @@ def refusal_scores(model, tokenizer, instructions: Sequence[str], refusal_ids: S
     out = torch.empty(len(instructions), dtype=torch.float64)
     mask = None
     with torch.inference_mode():
-        for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "refusal score"):
+        for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress,
+                                   "refusal score"):
             logits = last_logits(model, batch)
             if mask is None:
                 mask = _refusal_mask(refusal_ids, logits.shape[-1], logits.device)
@@ -276,8 +283,8 @@ def kl_divergence(model, tokenizer, instructions: Sequence[str], reference: torc
         ctx = intervention()
     else:
         if not isinstance(reference, torch.Tensor) or reference.dim() != 2:
-            raise ValueError(f"reference must be a [n, vocab] tensor of log-probs, got "
-                             f"{tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__}")
+            got = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
+            raise ValueError(f"reference must be a [n, vocab] tensor of log-probs, got {got}")
         if reference.shape[0] != len(instructions):
             raise ValueError(f"reference has {reference.shape[0]} rows but there are {len(instructions)} instructions")
         ctx = nullcontext()
@@ -286,7 +293,8 @@ def kl_divergence(model, tokenizer, instructions: Sequence[str], reference: torc
         for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "KL"):
             lp = torch.log_softmax(last_logits(model, batch).to(torch.float64), dim=-1)
             if lp.shape[-1] != reference.shape[-1]:
-                raise ValueError(f"reference has vocab {reference.shape[-1]} but the model's logits have {lp.shape[-1]}")
+                raise ValueError(f"reference has vocab {reference.shape[-1]} "
+                                 f"but the model's logits have {lp.shape[-1]}")
             ref = reference[torch.as_tensor(idx, device=reference.device)].to(lp.device)
             out[idx] = kl_from_logprobs(ref, lp).cpu()
     return out.mean() if reduction == "mean" else out

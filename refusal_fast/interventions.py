@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -452,7 +453,8 @@ class RowInterventions:
         if all(given):
             vecs = as_float64_matrix(add_vectors, "add_vectors")
             if torch.as_tensor(add_vectors).dim() != 2:
-                raise ValueError(f"add_vectors must have shape [m, d_model], got {tuple(torch.as_tensor(add_vectors).shape)}")
+                raise ValueError(f"add_vectors must have shape [m, d_model], "
+                                 f"got {tuple(torch.as_tensor(add_vectors).shape)}")
             check_width(vecs, ad.d_model, "add_vectors")
             aidx = _index(add_index, vecs.shape[0], "add_index")
             alay = _index(add_layers, ad.n_layers, "add_layers")
@@ -508,14 +510,16 @@ class RowInterventions:
                 return y
             self._check_batch(y)
             rows, vecs = add
-            src = vecs.to(device=y.device, dtype=y.dtype).reshape(vecs.shape[0], *([1] * (y.dim() - 2)), vecs.shape[-1]).expand(-1, *y.shape[1:])
+            src = (vecs.to(device=y.device, dtype=y.dtype)
+                   .reshape(vecs.shape[0], *([1] * (y.dim() - 2)), vecs.shape[-1])
+                   .expand(-1, *y.shape[1:]))
             if _tracking(y) or (y is x and layer == 0):
                 return y.index_add(0, rows, src)
             return y.index_add_(0, rows, src)
 
         return fn
 
-    def __enter__(self) -> "RowInterventions":
+    def __enter__(self) -> RowInterventions:
         if self._active:
             raise RuntimeError("this RowInterventions context is already active")
         ad = self.adapter

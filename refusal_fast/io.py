@@ -110,7 +110,8 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", de
         except (OSError, ValueError, KeyError) as exc:
             msg = " ".join(str(exc).split())[:400] or type(exc).__name__
             needs_code = "auto_map" in (p / "config.json").read_text(encoding="utf-8", errors="replace")
-            hint = " (the model ships custom code: pass --trust-remote-code)" if needs_code and not trust_remote_code else ""
+            hint = (" (the model ships custom code: pass --trust-remote-code)"
+                    if needs_code and not trust_remote_code else "")
             raise CLIError(f"could not load the model from {spec}: {msg}{hint}") from None
     ensure_pad_token(tokenizer)
     if getattr(tokenizer, "chat_template", None) is None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -242,7 +243,7 @@ class Means:
             "d_model": self.d_model,
         }
 
-    def _check_compatible(self, other: "Means") -> None:
+    def _check_compatible(self, other: Means) -> None:
         if self.d_model != other.d_model:
             raise ValueError(f"cannot merge: d_model {self.d_model} vs {other.d_model}")
         for field in _COMPAT_FIELDS:
@@ -250,7 +251,7 @@ class Means:
             if a != b:
                 raise ValueError(f"cannot merge Means with different {field}: {a!r} vs {b!r}")
 
-    def merge(self, other: "Means") -> "Means":
+    def merge(self, other: Means) -> Means:
         """Exact union of two extractions of the same model/template/layers/positions.
 
         Groups present in both are combined (sums and counts add); groups present in one are
@@ -309,7 +310,7 @@ class Means:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None) -> "Means":
+    def load(cls, path: str | os.PathLike, model=None) -> Means:
         """Load a file written by :meth:`save`.
 
         If ``model`` is given, its config hash, depth and width must match the metadata
@@ -339,7 +340,8 @@ class Means:
         second = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("second_moment.")}
         out = cls(tensors["sums"], tensors["counts"], meta["groups"], meta["layers"], meta["positions"], meta, second)
         if out.metadata["counts"] != meta.get("counts"):
-            raise ValueError(f"{path}: counts tensor {out.metadata['counts']} disagrees with metadata {meta.get('counts')}")
+            raise ValueError(f"{path}: counts tensor {out.metadata['counts']} "
+                             f"disagrees with metadata {meta.get('counts')}")
         if model is not None:
             out.check_model(model)
         return out

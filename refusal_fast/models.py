@@ -127,7 +127,8 @@ class ModelAdapter:
         return self._block_attr(i, self._layout.mlp_out, "MLP output")
 
     def attn_out_proj(self, i: int) -> nn.Module:
-        """Linear layer (``nn.Linear`` ``[d_model, in]`` or GPT-2 ``Conv1D`` ``[in, d_model]``) writing attention out."""
+        """Linear layer (``nn.Linear`` ``[d_model, in]`` or GPT-2 ``Conv1D`` ``[in, d_model]``) writing
+        attention out."""
         return self._block_attr(i, self._layout.attn_out_proj, "attention output projection")
 
     def mlp_out_proj(self, i: int) -> nn.Module:
@@ -253,5 +254,6 @@ def module_output_tensor(output: Any) -> torch.Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise UnsupportedModelError(f"cannot find the residual-write tensor in a module output of type {type(output).__name__}")
+    raise UnsupportedModelError(f"cannot find the residual-write tensor in a module output "
+                                f"of type {type(output).__name__}")
 

@@ -36,7 +36,7 @@ import importlib
 import importlib.util
 import os
 import weakref
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _read_env_backend() -> Optional[str]:
+def _read_env_backend() -> str | None:
     value = os.environ.get("REFUSAL_FAST_BACKEND", "").strip().lower()
     if value in ("", "auto"):
         return None
@@ -67,13 +67,13 @@ def _read_env_backend() -> Optional[str]:
     return value
 
 
-_forced: Optional[str] = _read_env_backend()
+_forced: str | None = _read_env_backend()
 
 
 # ----------------------------------------------------------------------------------------------
 # backend selection
 # ----------------------------------------------------------------------------------------------
-def set_backend(name: Optional[str]) -> None:
+def set_backend(name: str | None) -> None:
     """Force a backend ("torch", "cpp", "triton") for all ops; None restores automatic dispatch."""
     global _forced
     if name is not None:
@@ -87,13 +87,13 @@ def set_backend(name: Optional[str]) -> None:
     _forced = name
 
 
-def get_backend() -> Optional[str]:
+def get_backend() -> str | None:
     """The forced backend name, or None for automatic dispatch."""
     return _forced
 
 
 @contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
+def use_backend(name: str | None) -> Iterator[None]:
     """Context manager: force ``name`` inside the block, restore the previous setting after."""
     prev = _forced
     set_backend(name)
@@ -399,8 +399,8 @@ def _project_meta(x, basis, add, residual) -> None:
         _check_device(residual, x, "residual")
 
 
-def _project_impl(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor], alpha: float,
-                  residual: Optional[Tensor]) -> None:
+def _project_impl(x: Tensor, basis: Tensor | None, add: Tensor | None, alpha: float,
+                  residual: Tensor | None) -> None:
     _project_meta(x, basis, add, residual)
     alpha = _check_alpha(alpha)
     if x.numel() == 0:
@@ -443,8 +443,8 @@ def _project_impl(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor], alp
         target.copy_(x)
 
 
-def _project_torch(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor], alpha: float,
-                   residual: Optional[Tensor]) -> None:
+def _project_torch(x: Tensor, basis: Tensor | None, add: Tensor | None, alpha: float,
+                   residual: Tensor | None) -> None:
     h = x.to(torch.float32)
     if residual is not None:
         h = h + residual.to(torch.float32)
@@ -460,8 +460,8 @@ def _project_torch(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor], al
 @torch.library.custom_op(
     "refusal_fast::project_", mutates_args={"x"},
     schema="(Tensor(a!) x, Tensor? basis, Tensor? add, float alpha, Tensor? residual) -> ()")
-def _project_op(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor], alpha: float,
-                residual: Optional[Tensor]) -> None:
+def _project_op(x: Tensor, basis: Tensor | None, add: Tensor | None, alpha: float,
+                residual: Tensor | None) -> None:
     _project_impl(x, basis, add, alpha, residual)
 
 
@@ -470,8 +470,8 @@ def _project_fake(x, basis, add, alpha, residual) -> None:
     _project_meta(x, basis, add, residual)
 
 
-def project_(x: Tensor, basis: Optional[Tensor], add: Optional[Tensor] = None, alpha: float = 1.0,
-             residual: Optional[Tensor] = None) -> Tensor:
+def project_(x: Tensor, basis: Tensor | None, add: Tensor | None = None, alpha: float = 1.0,
+             residual: Tensor | None = None) -> Tensor:
     """In place on ``x [..., d]``: ``h = x (+ residual)``; ``x <- h - basis^T (basis h) + alpha * add``.
 
     basis: ``[k, d]`` orthonormal rows (k = 0..64) or None (pure add); add: ``[d]`` or None;
@@ -506,7 +506,7 @@ def _project_rows_meta(x, bases, index, add) -> None:
         _check_device(add, x, "add")
 
 
-def _project_rows_impl(x: Tensor, bases: Tensor, index: Tensor, add: Optional[Tensor], alpha: float) -> None:
+def _project_rows_impl(x: Tensor, bases: Tensor, index: Tensor, add: Tensor | None, alpha: float) -> None:
     _project_rows_meta(x, bases, index, add)
     alpha = _check_alpha(alpha)
     m = bases.shape[0]
@@ -549,7 +549,7 @@ def _project_rows_impl(x: Tensor, bases: Tensor, index: Tensor, add: Optional[Te
         target.copy_(x)
 
 
-def _project_rows_torch(x: Tensor, bases: Tensor, index: Tensor, add: Optional[Tensor], alpha: float) -> None:
+def _project_rows_torch(x: Tensor, bases: Tensor, index: Tensor, add: Tensor | None, alpha: float) -> None:
     B, d = x.shape[0], x.shape[-1]
     h = x.reshape(B, -1, d).to(torch.float32)
     sel = index >= 0
@@ -565,7 +565,7 @@ def _project_rows_torch(x: Tensor, bases: Tensor, index: Tensor, add: Optional[T
 @torch.library.custom_op(
     "refusal_fast::project_rows_", mutates_args={"x"},
     schema="(Tensor(a!) x, Tensor bases, Tensor index, Tensor? add, float alpha) -> ()")
-def _project_rows_op(x: Tensor, bases: Tensor, index: Tensor, add: Optional[Tensor], alpha: float) -> None:
+def _project_rows_op(x: Tensor, bases: Tensor, index: Tensor, add: Tensor | None, alpha: float) -> None:
     _project_rows_impl(x, bases, index, add, alpha)
 
 
@@ -574,7 +574,7 @@ def _project_rows_fake(x, bases, index, add, alpha) -> None:
     _project_rows_meta(x, bases, index, add)
 
 
-def project_rows_(x: Tensor, bases: Tensor, index: Tensor, add: Optional[Tensor] = None,
+def project_rows_(x: Tensor, bases: Tensor, index: Tensor, add: Tensor | None = None,
                   alpha: float = 1.0) -> Tensor:
     """In place on ``x [B, ..., d]``: batch row b gets ``h - Q_g^T (Q_g h) + alpha * add[g]`` with
     ``g = index[b]``, ``Q_g = bases[g]`` (``bases [m, k, d]``, ``add [m, d]`` or None); rows with
@@ -594,7 +594,7 @@ def _esize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def accumulate_bytes(n: int, d: int, dtype: torch.dtype = torch.float32, groups_touched: Optional[int] = None) -> int:
+def accumulate_bytes(n: int, d: int, dtype: torch.dtype = torch.float32, groups_touched: int | None = None) -> int:
     """Minimum DRAM bytes of one group_accumulate_: read x ``[n, d]`` and index, read+write each touched acc row."""
     g = n if groups_touched is None else min(groups_touched, n)
     return n * d * _esize(dtype) + n * 8 + 2 * g * d * 4
@@ -602,7 +602,8 @@ def accumulate_bytes(n: int, d: int, dtype: torch.dtype = torch.float32, groups_
 
 def project_bytes(n_rows: int, d: int, k: int = 1, dtype: torch.dtype = torch.float32,
                   add: bool = False, residual: bool = False) -> int:
-    """Minimum DRAM bytes of one project_ over ``n_rows`` rows: read+write x, read residual, basis ``[k, d]`` f32, add."""
+    """Minimum DRAM bytes of one project_ over ``n_rows`` rows: read+write x, read residual,
+    basis ``[k, d]`` f32, add."""
     e = _esize(dtype)
     return n_rows * d * e * (3 if residual else 2) + k * d * 4 + (d * 4 if add else 0)
 

@@ -16,8 +16,9 @@ import datetime as _dt
 import html
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "write_report", "eval_summary_rows", "format_summary_table", "SUMMARY_COLUMNS",
@@ -50,9 +51,11 @@ CONDITION_LABELS = {
 SUMMARY_COLUMNS = ("condition", "harmful refusal", "harmless refusal", "harmful score", "harmless score", "harmless KL")
 
 _CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
 h1{border-bottom:2px solid #444;padding-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #bbb}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th{background:#f0f0f0} td.l,th.l{text-align:left} .notrun{color:#a33;font-style:italic}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:.9em;color:#555}
 code{background:#f4f4f4;padding:0 .2em} .meta td{text-align:left} nav a{margin-right:1em}
@@ -158,7 +161,10 @@ def format_summary_table(rows: list[list[str]], header: Sequence[str] = SUMMARY_
     """Plain-text aligned table (the CLI's printed summary)."""
     cols = list(zip(*([list(header)] + rows))) if rows else [[h] for h in header]
     widths = [max(len(str(x)) for x in col) for col in cols]
-    line = lambda r: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r):
+        return "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
     return "\n".join(out)
@@ -215,7 +221,8 @@ def _section_selection(out: Path) -> str:
         parts.append(
             f"<p>Selected: layer <b>{_esc(sel.get('layer'))}</b> of {_esc(sel.get('n_layers'))}, position "
             f"<b>{_esc(pos)}</b>{lab}: the difference of harmful and harmless mean activations there. "
-            f"{n_ok} of {len(table)} candidates passed the filters (last {_off(params.get('prune_last_frac'), pct=True)} of "
+            f"{n_ok} of {len(table)} candidates passed the filters "
+            f"(last {_off(params.get('prune_last_frac'), pct=True)} of "
             f"layers pruned, KL &le; {_off(params.get('kl_threshold'))}, induce &ge; "
             f"{_off(params.get('induce_threshold'))}); {_esc(params.get('n_harmful', '?'))} harmful and "
             f"{_esc(params.get('n_harmless', '?'))} harmless validation prompts.</p>")
@@ -329,7 +336,8 @@ def _section_categories(out: Path) -> str:
                      + _matrix_table(cos["labels"], cos["labels"], cos["matrix"]) + "</details>")
     if cat.get("cross_ablation"):
         parts.append(_ablation_table(cat["cross_ablation"], "ablated",
-                                     "Cross-ablation: mean refusal score on held-out prompts (rows: ablated direction)"))
+                                     "Cross-ablation: mean refusal score on held-out prompts "
+                                     "(rows: ablated direction)"))
     else:
         parts.append("<p class='notrun'>Cross-category ablation: not run.</p>")
     if cat.get("subspace_ablation"):
@@ -362,7 +370,8 @@ def _section_persona(out: Path) -> str:
     ko = per.get("knockout") or {}
     if ko.get("labels"):
         rows = [[lab, _fmt(k), _fmt(r), _fmt(o)] for lab, k, r, o in zip(
-            ko["labels"], ko.get("knockout_score") or [], ko.get("random_score") or [], ko.get("knockout_only_score") or [])]
+            ko["labels"], ko.get("knockout_score") or [], ko.get("random_score") or [],
+            ko.get("knockout_only_score") or [])]
         parts.append(f"<details><summary>Window knockout (steered score {_fmt(ko.get('steered_score'))}, baseline "
                      f"{_fmt(ko.get('baseline_score'))})</summary>"
                      + _table(["window", "steer + persona knockout", "steer + random knockout", "knockout only"], rows)

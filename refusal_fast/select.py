@@ -24,16 +24,25 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from . import chat
 from .evaluate import (
-    _check_batch_size, _progress, _refusal_mask, check_instructions, collate, kl_from_logprobs, last_logits,
-    refusal_score_from_logits, save_json, tokenize_prompts,
+    _check_batch_size,
+    _progress,
+    _refusal_mask,
+    check_instructions,
+    collate,
+    kl_from_logprobs,
+    last_logits,
+    refusal_score_from_logits,
+    save_json,
+    tokenize_prompts,
 )
 from .interventions import ablate, add, row_interventions
 from .models import get_adapter
@@ -50,7 +59,7 @@ _BYPASS, _INDUCE, _KL = 0, 1, 2
 class NoDirectionError(RuntimeError):
     """No candidate survived the filters; ``.result`` holds the full :class:`SelectionResult`."""
 
-    def __init__(self, message: str, result: "SelectionResult"):
+    def __init__(self, message: str, result: SelectionResult):
         super().__init__(message)
         self.result = result
 
@@ -147,7 +156,7 @@ class SelectionResult:
         return save_json(self.to_dict(), path)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "SelectionResult":
+    def from_json(cls, path: str | os.PathLike) -> SelectionResult:
         """Read a result written by :meth:`to_json`."""
         d = json.loads(Path(path).read_text(encoding="utf-8"))
         if d.get("format") != "refusal_fast.selection":
@@ -157,13 +166,16 @@ class SelectionResult:
             return math.nan if x is None else float(x)
 
         table = [{**r, **{m: num(r[m]) for m in METRICS}} for r in d["table"]]
-        vec = (lambda v: None if v is None else torch.tensor(v, dtype=torch.float64))
+
+        def vec(v):
+            return None if v is None else torch.tensor(v, dtype=torch.float64)
+
         return cls(d["layer"], d["position"], vec(d["direction"]), vec(d["raw"]), table, d["layers"],
                    d["positions"], d["n_layers"], d["baseline"], d["params"], d.get("position_labels") or [])
 
     def refilter(self, candidates: Any, *, kl_threshold: Any = _UNSET, induce_threshold: Any = _UNSET,
                  prune_last_frac: Any = _UNSET, groups: Sequence[str] = ("harmful", "harmless"),
-                 raise_if_none: bool = True) -> "SelectionResult":
+                 raise_if_none: bool = True) -> SelectionResult:
         """The same scores under other filters, without re-scoring any candidate.
 
         Args:
@@ -201,7 +213,7 @@ class SelectionResult:
                        self.position_labels, raise_if_none)
 
     def refilter_relaxing_kl(self, candidates: Any, thresholds: Sequence[float | None] = KL_FALLBACK,
-                             groups: Sequence[str] = ("harmful", "harmless")) -> "SelectionResult":
+                             groups: Sequence[str] = ("harmful", "harmless")) -> SelectionResult:
         """:meth:`refilter` with the KL filter relaxed step by step until some candidate passes.
 
         Tries the current ``kl_threshold``, then each of ``thresholds`` above it in turn (None = KL filter
@@ -656,7 +668,8 @@ def _draw_heatmap(result: SelectionResult, path: str | os.PathLike, title: str |
     kl = p.get("kl_threshold")
     kl_text = "KL filter off" if kl is None else f"kl <= {kl}"
     fig.suptitle(f"{head} — {chosen}\n({kl_text}, induce >= {p.get('induce_threshold')}, "
-                 f"layers < {p.get('layer_cutoff')}; baseline harmful {result.baseline.get('harmful', float('nan')):.3g}, "
+                 f"layers < {p.get('layer_cutoff')}; "
+                 f"baseline harmful {result.baseline.get('harmful', float('nan')):.3g}, "
                  f"harmless {result.baseline.get('harmless', float('nan')):.3g})", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     path = Path(path)

@@ -31,7 +31,8 @@ samples (squared change of the trained MLP's output vs the base MLP), off by def
 cost more unseen-harmful refusal than it bought in ablation behaviour.
 Seeded; harmless targets and mined lists are cached in the user cache dir. The defaults are the shipped patch's
 recipe (its hard-negative list is read back from the shipped metadata). Wall time measured on 2 cores:
-~5 min harmless-target generation and ~3 min mining (first run only), ~19 min training (260 steps, 4.3 s/step: the distilled harmless loss adds a teacher forward); evaluation
+~5 min harmless-target generation and ~3 min mining (first run only), ~19 min training (260 steps,
+4.3 s/step: the distilled harmless loss adds a teacher forward); evaluation
 ~7 min for the behaviour part at --eval-n 200 (--no-directions), ~45 min with the direction checks
 (--no-eval skips it).
 Evaluation (``run_eval``): greedy generation, base vs patched on each split, length-matched pairs,
@@ -44,7 +45,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -148,8 +148,10 @@ CATEGORY_REFUSALS = {
         "I cannot assist with stealing, scamming or deceiving people for money.",
     ],
     "self_harm": [
-        "I'm sorry you're going through this, but I can't help with that. Please reach out to someone you trust or to a crisis line.",
-        "I cannot help with anything that could hurt you or anyone else. If you are struggling, please talk to someone you trust.",
+        "I'm sorry you're going through this, but I can't help with that. "
+        "Please reach out to someone you trust or to a crisis line.",
+        "I cannot help with anything that could hurt you or anyone else. "
+        "If you are struggling, please talk to someone you trust.",
     ],
 }
 
@@ -511,7 +513,8 @@ def train(args, model, tokenizer, samples, layer: int, base_mlp=None) -> dict:
         if step % 10 == 0 or step == args.steps - 1:
             k = hist[-10:]
             msg = (f"step {step} loss {sum(x[0] for x in k) / len(k):.3f} harmful {lh:.3f} "
-                   f"harmless {ll:.3f} preserve {pres.item():.2f} lr {lr_at(step):.2e} {(time.time() - t0) / (step + 1):.2f}s/step")
+                   f"harmless {ll:.3f} preserve {pres.item():.2f} lr {lr_at(step):.2e} "
+                   f"{(time.time() - t0) / (step + 1):.2f}s/step")
             bar.set_postfix_str(msg.split(" ", 2)[2][:60])
             print("[train]", msg, flush=True)
     handle.remove()
@@ -687,7 +690,8 @@ def degeneration(texts) -> float:
 
 def ablation_effect(model, tokenizer, direction, unseen, hv, logp_hv, plain_unseen, n_tokens, dims=()) -> dict:
     """Zero-ablate ``direction`` [d] everywhere: refusal on the ``unseen`` harmful prompts (and its change vs
-    ``plain_unseen``), first-token KL on ``hv`` vs ``logp_hv`` [n, vocab], and the unit direction's weight on ``dims``."""
+    ``plain_unseen``), first-token KL on ``hv`` vs ``logp_hv`` [n, vocab], and the unit direction's weight on
+    ``dims``."""
     with direction_hooks(model, r=direction.float()):
         ra = rate(generate_texts(model, tokenizer, unseen, n_tokens))
         lp_ = last_logprobs(model, tokenizer, hv)
@@ -837,7 +841,7 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
     # length-matched pairs: unseen harmful prompts vs harmless_val prompts of the nearest token length
     tl = lambda x: len(tokenizer(x, add_special_tokens=False)["input_ids"])  # noqa: E731
     lm_harm = rng.sample(unseen, k=min(n, len(unseen)))
-    pool = sorted(((tl(hv_all[i]), i) for i in hv_order[n:n + 4000]))
+    pool = sorted((tl(hv_all[i]), i) for i in hv_order[n:n + 4000])
     used, lm_less = set(), []
     import bisect
 
@@ -997,8 +1001,8 @@ def run_eval(args, model, tokenizer, layer, harmful_test, harmless_test, harmful
         d["without_kl_filter"] = {"candidates_verified": nofilter}
         d["without_kl_filter"].update(direction_outcomes(model, tokenizer, diff, mu_h, mu_l, positions, b2, splits,
                                                          texts, metrics, args))
-        print(f"[dir] without KL filter: {json.dumps({k: v for k, v in d['without_kl_filter'].items() if k in OUTCOME_KEYS})}",
-              flush=True)
+        shown = {k: v for k, v in d["without_kl_filter"].items() if k in OUTCOME_KEYS}
+        print(f"[dir] without KL filter: {json.dumps(shown)}", flush=True)
     metrics["directions"] = d
     metrics["eval_wall_s"] = round(time.time() - t0, 1)
     return metrics
@@ -1111,8 +1115,8 @@ def main(argv=None):
     ap.add_argument("--dir-layers", type=int, nargs="*", default=None, help="candidate layers (default 1..0.8L)")
     ap.add_argument("--kl-threshold", type=float, default=0.1,
                     help="first KL(harmless first token) threshold of the selection (Arditi et al.: 0.1); it is "
-                         "relaxed step by step (0.2, 0.5, 1, off) only while no candidate that passes it induces refusal when "
-                         "added (actadd score > 0)")
+                         "relaxed step by step (0.2, 0.5, 1, off) only while no candidate that passes it induces "
+                         "refusal when added (actadd score > 0)")
     args = ap.parse_args(argv)
     if not args.kl_threshold > 0:
         ap.error(f"--kl-threshold must be > 0, got {args.kl_threshold}")

@@ -8,15 +8,44 @@
 
 Every result is a dataclass with ``to_dict()`` / ``to_json(path)`` (NaN -> null).
 """
-from ._common import (EvalConfig, JSONResult, degeneration_rate, degeneration_stats, derive_seed, random_basis,
-                      random_like)
+from ._common import (
+                      EvalConfig,
+                      JSONResult,
+                      degeneration_rate,
+                      degeneration_stats,
+                      derive_seed,
+                      random_basis,
+                      random_like,
+)
+from .categories import (
+                      GLOBAL,
+                      CategoryDirections,
+                      CosineResult,
+                      CrossAblationResult,
+                      PCAResult,
+                      SubspaceAblationResult,
+                      category_directions,
+                      category_pca,
+                      cosine_similarity,
+                      cross_ablation,
+                      default_layer,
+                      split_prompts,
+                      subspace_ablation,
+)
 from .outliers import MassiveActivations, massive_activation_dims
-from .categories import (GLOBAL, CategoryDirections, CosineResult, CrossAblationResult, PCAResult,
-                         SubspaceAblationResult, category_directions, category_pca, cosine_similarity,
-                         cross_ablation, default_layer, split_prompts, subspace_ablation)
-from .persona import (DEFAULT_PERSONA_PROMPTS, KnockoutResult, PersonaDirection, ReaddResult, SteeringSweepResult,
-                      default_windows, load_persona_prompts, persona_direction, refusal_readd, steering_sweep,
-                      window_knockout)
+from .persona import (
+                      DEFAULT_PERSONA_PROMPTS,
+                      KnockoutResult,
+                      PersonaDirection,
+                      ReaddResult,
+                      SteeringSweepResult,
+                      default_windows,
+                      load_persona_prompts,
+                      persona_direction,
+                      refusal_readd,
+                      steering_sweep,
+                      window_knockout,
+)
 
 __all__ = [
     "EvalConfig", "JSONResult", "degeneration_rate", "degeneration_stats", "derive_seed", "random_like",

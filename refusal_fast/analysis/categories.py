@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._common import (EvalConfig, JSONResult, as_prompt_dict, derive_seed, measure, nan_array,
-                      random_like, zero_noise)
+from ._common import EvalConfig, JSONResult, as_prompt_dict, derive_seed, measure, nan_array, random_like, zero_noise
 
 __all__ = [
     "CategoryDirections", "CosineResult", "PCAResult", "CrossAblationResult", "SubspaceAblationResult",
@@ -150,7 +150,7 @@ class CategoryDirections(JSONResult):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "CategoryDirections":
+    def load(cls, path: str | Path) -> CategoryDirections:
         """Read what :meth:`save` wrote."""
         import json
 
@@ -500,7 +500,7 @@ def cross_ablation(model, tokenizer, cd: CategoryDirections, eval_prompts: Mappi
     rnd = nan_array(len(rows), n_random, len(ev))
     rnd_rate = nan_array(len(rows), n_random, len(ev))
     rnd_norms = nan_array(len(rows), n_random)
-    for i, r in enumerate(rows):
+    for i, _r in enumerate(rows):
         res = _run_ablation(model, tokenizer, dirs[i], evals, cfg, layers)
         score[i], rate[i] = _fill(res, ev, "score"), _fill(res, ev, "rate")
         for k in range(n_random):

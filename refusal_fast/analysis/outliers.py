@@ -14,7 +14,7 @@ it beside the plain isotropic control.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

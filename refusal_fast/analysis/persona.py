@@ -21,15 +21,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._common import (EvalConfig, JSONResult, as_prompt_dict, derive_seed, measure, nan_array,
-                      random_like, zero_noise)
-from ._common import degeneration_rate, degeneration_stats  # noqa: F401  (re-exported)
+from ._common import (  # noqa: F401  (re-exported)
+    EvalConfig,
+    JSONResult,
+    as_prompt_dict,
+    degeneration_rate,
+    degeneration_stats,
+    derive_seed,
+    measure,
+    nan_array,
+    random_like,
+    zero_noise,
+)
 
 __all__ = [
     "DEFAULT_PERSONA_PROMPTS", "load_persona_prompts", "PersonaDirection", "persona_direction",
@@ -122,7 +132,7 @@ class PersonaDirection(JSONResult):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "PersonaDirection":
+    def load(cls, path: str | Path) -> PersonaDirection:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
