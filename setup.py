@@ -6,7 +6,8 @@ The pybind11 extension ``refusal_fast._C`` is built from ``csrc/`` through CMake
 ``REFUSAL_FAST_NO_EXT=1`` to skip the extension entirely (the package then runs on
 its pure-torch/Triton paths; ``refusal_fast.backend_info()`` says so).
 
-The Triton kernels in ``kernels/`` install as the subpackage ``refusal_fast.kernels``.
+The Triton kernels in ``kernels/`` install as the subpackage ``refusal_fast.kernels`` (mapped in
+pyproject.toml, which holds the project metadata).
 """
 import os
 import subprocess
@@ -46,18 +47,6 @@ class CMakeBuild(build_ext):
 
 ext_modules = [] if os.environ.get("REFUSAL_FAST_NO_EXT") == "1" else [CMakeExtension("refusal_fast._C")]
 
-setup(
-    name="refusal-fast",
-    version="0.1.0",
-    description="Fast refusal-direction extraction, interventions and analysis for transformer LMs",
-    python_requires=">=3.10",
-    packages=["refusal_fast", "refusal_fast.analysis", "refusal_fast.kernels"],
-    package_dir={"refusal_fast": "refusal_fast", "refusal_fast.kernels": "kernels"},
-    package_data={"refusal_fast": ["data/*.json", "data/*.safetensors"]},
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch", "transformers", "numpy", "safetensors", "tqdm", "scikit-learn", "matplotlib"],
-    extras_require={"triton": ["triton"], "demo": ["gguf", "accelerate"]},
-    entry_points={"console_scripts": ["refusal-fast=refusal_fast.cli:main"]},
-    zip_safe=False,
-)
+# Metadata, dependencies, packages (``kernels/`` installs as ``refusal_fast.kernels``) and the
+# console script live in pyproject.toml; this file only adds the CMake-built extension.
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})

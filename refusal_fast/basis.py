@@ -5,9 +5,9 @@ and device once, when a context is entered.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+
+from .types import BasisLike, VectorLike
 
 __all__ = ["orthonormalize", "unit_vector", "raw_vector", "as_float64_matrix", "check_width"]
 
@@ -17,7 +17,7 @@ RANK_RTOL = 1e-6
 ORTHO_TOL = 1e-5
 
 
-def as_float64_matrix(basis: Any, what: str = "basis") -> torch.Tensor:
+def as_float64_matrix(basis: BasisLike, what: str = "basis") -> torch.Tensor:
     """``[d]`` or ``[k, d]`` tensor / numpy array / nested list -> ``[k, d]`` float64 CPU tensor.
 
     Raises TypeError for non-real input and ValueError for a wrong rank, an empty basis or
@@ -52,7 +52,7 @@ def check_width(q: torch.Tensor, d_model: int, what: str = "basis") -> None:
         raise ValueError(f"{what} has width {q.shape[-1]} but the model's d_model is {d_model}")
 
 
-def orthonormalize(basis: Any, normalize: bool = True) -> torch.Tensor:
+def orthonormalize(basis: BasisLike, normalize: bool = True) -> torch.Tensor:
     """Orthonormal rows spanning ``basis``.
 
     Args:
@@ -97,7 +97,7 @@ def orthonormalize(basis: Any, normalize: bool = True) -> torch.Tensor:
     return (q * sign).T.contiguous()
 
 
-def unit_vector(vector: Any, d_model: int | None = None, what: str = "vector") -> torch.Tensor:
+def unit_vector(vector: VectorLike, d_model: int | None = None, what: str = "vector") -> torch.Tensor:
     """``[d]`` (or ``[1, d]``) direction -> ``[d]`` float64 CPU unit vector (ValueError if zero/NaN/wrong width)."""
     v = raw_vector(vector, d_model, what)
     n = torch.linalg.vector_norm(v)
@@ -106,7 +106,7 @@ def unit_vector(vector: Any, d_model: int | None = None, what: str = "vector") -
     return v / n
 
 
-def raw_vector(vector: Any, d_model: int | None = None, what: str = "vector") -> torch.Tensor:
+def raw_vector(vector: VectorLike, d_model: int | None = None, what: str = "vector") -> torch.Tensor:
     """``[d]`` (or ``[1, d]``) -> ``[d]`` float64 CPU tensor, validated (finite, right width)."""
     v = as_float64_matrix(vector, what)
     if v.shape[0] != 1:

@@ -273,7 +273,8 @@ class JudgeRefusalClassifier:
         out: list[RefusalVerdict] = []
         for s in range(0, len(texts), bs):
             chunk = texts[s:s + bs]
-            res = self.fn(prompts[s:s + bs], chunk) if self.with_prompts else self.fn(chunk)
+            # prompts is not None whenever with_prompts (checked above)
+            res = self.fn(prompts[s:s + bs], chunk) if self.with_prompts and prompts is not None else self.fn(chunk)
             res = list(res)
             if len(res) != len(chunk):
                 raise ValueError(f"judge {self.name!r} returned {len(res)} verdicts for {len(chunk)} completions")

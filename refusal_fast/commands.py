@@ -482,7 +482,7 @@ def cmd_categories(args, session: _Session) -> dict:
     position = args.position
     if position in ("auto", "default", "select"):
         position = auto.get("position") if position == "auto" and auto.get("position") is not None else -1
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if layer == "select":
         hv = load_dataset(DEFAULTS["harmless_val"], max(4, min(32, len(harmless))), args.seed, "harmless validation")
         kwargs = {"val_prompts": held, "harmless_val": _texts(hv)}

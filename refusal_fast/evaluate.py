@@ -233,6 +233,7 @@ def last_token_logprobs(model, tokenizer, instructions: Sequence[str], batch_siz
             if out is None:
                 out = torch.empty((len(instructions), lp.shape[-1]), dtype=dtype, device=device)
             out[torch.as_tensor(idx, device=device)] = lp.to(device=device, dtype=dtype)
+    assert out is not None, "instructions is non-empty (check_instructions), so at least one batch ran"
     return out
 
 
@@ -279,6 +280,7 @@ def kl_divergence(model, tokenizer, instructions: Sequence[str], reference: torc
     if reference is not None and intervention is not None:
         raise ValueError("pass either reference= or intervention=, not both")
     if reference is None:
+        assert intervention is not None  # one of the two is given (checked above)
         reference = last_token_logprobs(model, tokenizer, instructions, batch_size, system_prompt, progress)
         ctx = intervention()
     else:
@@ -368,7 +370,8 @@ def _classifiers(classifier: Any) -> list:
 
 
 def _names(classifiers: list) -> list[str]:
-    names, seen = [], {}
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for c in classifiers:
         n = str(getattr(c, "name", type(c).__name__))
         seen[n] = seen.get(n, 0) + 1

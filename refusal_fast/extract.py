@@ -152,6 +152,7 @@ class _State:
         """Add the fp32 partials into the float64 totals and zero them."""
         for acc, tot in zip(self.partial, self.totals):
             if acc is not None:
+                assert tot is not None, "buffers() allocates a layer's totals with its partial"
                 tot.add_(acc.to(tot.device))
                 acc.zero_()
 
@@ -234,7 +235,7 @@ def _capture(adapter, layers: list[int], state: _State, current: dict, determini
     handles = []
 
     def make_hook(li: int, layer: int):
-        def hook(module, args, kwargs):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             batch: _Batch = current["batch"]
             hidden = block_input(args, kwargs)  # [B, T, d]
             dev = hidden.device

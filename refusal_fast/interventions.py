@@ -31,7 +31,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from torch import nn
 from . import ops
 from .basis import as_float64_matrix, check_width, orthonormalize, raw_vector, unit_vector
 from .models import ModelAdapter, block_input, get_adapter, module_output_tensor
+from .types import BasesLike, BasisLike, IndexLike, LayersLike, MeanLike, VectorLike
 from .weight_edit import OrthogonalizationRecord, orthogonalize
 
 __all__ = [
@@ -65,6 +66,10 @@ def _block_device(block: nn.Module, default: torch.device) -> torch.device:
     return default
 
 
+@overload
+def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _to(t: None, like: torch.Tensor) -> None: ...
 def _to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """``t`` on ``like``'s device (no copy when it already is there)."""
     if t is None or t.device == like.device:
@@ -160,7 +165,7 @@ def _hooks(register: Callable[[list], None]) -> Iterator[None]:
         _remove(handles)
 
 
-def _layer_means(mean: Any, layers: list[int], d_model: int) -> dict[int, torch.Tensor] | None:
+def _layer_means(mean: MeanLike, layers: list[int], d_model: int) -> dict[int, torch.Tensor] | None:
     """``mean`` ([d], [len(layers), d] or {layer: [d]}) -> {layer: [d] float64}."""
     if mean is None:
         return None
@@ -196,7 +201,7 @@ def _check_alpha(alpha: Any) -> float:
 
 
 @contextmanager
-def ablate(model: nn.Module, basis: Any, layers: Any = None, mean: Any = None, normalize: bool = True,
+def ablate(model: nn.Module, basis: BasisLike, layers: LayersLike = None, mean: MeanLike = None, normalize: bool = True,
            fused: bool = False) -> Iterator[torch.Tensor]:
     """Project a direction / subspace out of the residual stream: ``x <- x - Q (Q^T x)``.
 
@@ -257,7 +262,7 @@ def ablate(model: nn.Module, basis: Any, layers: Any = None, mean: Any = None, n
 
 
 @contextmanager
-def steer(model: nn.Module, vector: Any, layers: Any, alpha: float = 1.0,
+def steer(model: nn.Module, vector: VectorLike, layers: LayersLike, alpha: float = 1.0,
           norm_match: bool = False) -> Iterator[torch.Tensor]:
     """Add ``alpha * unit(vector)`` to the input of each block in ``layers``, at every position.
 
@@ -302,7 +307,7 @@ def steer(model: nn.Module, vector: Any, layers: Any, alpha: float = 1.0,
 
 
 @contextmanager
-def add(model: nn.Module, vector: Any, layers: Any, alpha: float = 1.0) -> Iterator[None]:
+def add(model: nn.Module, vector: VectorLike, layers: LayersLike, alpha: float = 1.0) -> Iterator[None]:
     """Activation addition: add ``alpha * vector`` (raw, not normalised) ``[d_model]`` to the
     input of each block in ``layers`` at every position of ``[batch, seq, d_model]``."""
     ad = get_adapter(model)
@@ -422,8 +427,9 @@ class RowInterventions:
         self._adds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._batch: int | None = None
 
-    def set(self, ablate_bases: Any = None, ablate_index: Any = None, add_vectors: Any = None,
-            add_index: Any = None, add_layers: Any = None, alpha: float = 1.0, normalize: bool = True) -> None:
+    def set(self, ablate_bases: BasesLike | None = None, ablate_index: IndexLike | None = None,
+            add_vectors: BasisLike | None = None, add_index: IndexLike | None = None,
+            add_layers: IndexLike | None = None, alpha: float = 1.0, normalize: bool = True) -> None:
         """Configure the per-row interventions for the next forward passes.
 
         Args:
@@ -450,7 +456,7 @@ class RowInterventions:
         if any(given) and not all(given):
             raise ValueError("add_vectors, add_index and add_layers must be given together")
         adds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if all(given):
+        if add_vectors is not None and add_index is not None and add_layers is not None:  # all(given)
             vecs = as_float64_matrix(add_vectors, "add_vectors")
             if torch.as_tensor(add_vectors).dim() != 2:
                 raise ValueError(f"add_vectors must have shape [m, d_model], "
@@ -469,6 +475,7 @@ class RowInterventions:
                 adds[int(layer)] = (rows, alpha * vecs[aidx[rows]])
         dev0 = ad.device
         if bases is not None:
+            assert index is not None, "ablate_index is parsed together with ablate_bases above"
             # Cast once per device holding blocks (model-parallel models may span several).
             devs = {_block_device(b, dev0) for b in ad.blocks}
             self._bases = {dv: bases.to(device=dv, dtype=torch.float32) for dv in devs}
@@ -489,6 +496,7 @@ class RowInterventions:
         if self._bases is None:
             return x
         self._check_batch(x)
+        assert self._ablate_index is not None, "set() assigns _ablate_index together with _bases"
         bases, index = self._bases[x.device], self._ablate_index[x.device]
         bases = _to(bases, x)
         if _tracking(x):

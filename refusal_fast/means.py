@@ -35,13 +35,10 @@ _COMPAT_FIELDS = (
 
 
 def library_version() -> str:
-    """Installed refusal-fast version (``"0+unknown"`` when not installed)."""
-    try:
-        from importlib.metadata import version
+    """refusal-fast version: ``refusal_fast.__version__``, the one source the package metadata reads."""
+    from . import __version__
 
-        return version("refusal-fast")
-    except Exception:  # pragma: no cover - running from a bare source tree
-        return "0+unknown"
+    return __version__
 
 
 def prompt_set_hash(prompts: Iterable[str]) -> str:

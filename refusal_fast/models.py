@@ -15,10 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+from .types import LayersLike
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 __all__ = ["ModelAdapter", "UnsupportedModelError", "get_adapter", "SUPPORTED_ARCHS"]
 
@@ -146,7 +151,7 @@ class ModelAdapter:
     @property
     def config_hash(self) -> str:
         """Short sha256 of the model config (architecture-defining fields), for artifact metadata."""
-        cfg = self.model.config.to_dict()
+        cfg = cast("PreTrainedConfig", self.model.config).to_dict()
         keys = sorted(k for k in cfg if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS)
         blob = json.dumps({k: cfg[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -159,7 +164,7 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def check_layers(self, layers: Any, what: str = "layers") -> list[int]:
+    def check_layers(self, layers: LayersLike, what: str = "layers") -> list[int]:
         """Validate a layer selection (None = all, int, or iterable of ints; negatives count from the end)."""
         if layers is None:
             return list(range(self.n_layers))

@@ -230,8 +230,7 @@ class _RangeCache:
         if tracked and self.ref is not None and self.ref() is index and self.version == index._version \
                 and self.lo == lo and self.hi == hi:
             return
-        mn, mx = torch.aminmax(index)
-        mn, mx = int(mn), int(mx)
+        mn, mx = map(int, torch.aminmax(index))
         if mn < lo or mx >= hi:
             bad = mn if mn < lo else mx
             raise ValueError(f"{name} contains {bad}, outside the valid range [{lo}, {hi - 1}]")
@@ -425,7 +424,7 @@ def _project_impl(x: Tensor, basis: Tensor | None, add: Tensor | None, alpha: fl
     if layout is None:  # leading dims not mergeable into rows, or strided last dim: use a copy
         target, x = x, x.contiguous()
         layout = (x.numel() // x.shape[-1], x.shape[-1])
-    r_layout = None
+    r_layout = (0, 0)  # (n_rows, row_stride) of residual; unused when residual is None
     if residual is not None:
         r_layout = _row_layout(residual.shape, residual.stride())
         if r_layout is None:

@@ -70,12 +70,12 @@ def _esc(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _read(path: Path) -> tuple[Any | None, str | None]:
-    """(parsed JSON, None) or (None, reason)."""
+def _read(path: Path) -> tuple[Any | None, str]:
+    """(parsed JSON, "") or (None, reason)."""
     if not path.is_file():
         return None, "not run"
     try:
-        return json.loads(path.read_text(encoding="utf-8")), None
+        return json.loads(path.read_text(encoding="utf-8")), ""
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, f"unreadable ({exc})"
 
@@ -143,8 +143,8 @@ def eval_summary_rows(ev: dict) -> list[list[str]]:
     """
     conds = ev.get("conditions") or {}
     kl = ev.get("kl_harmless") or {}
-    order = [c for c in CONDITION_LABELS if c in conds] + [c for c in conds if c not in CONDITION_LABELS]
-    rows = []
+    order: list[str] = [c for c in CONDITION_LABELS if c in conds] + [c for c in conds if c not in CONDITION_LABELS]
+    rows: list[list[str]] = []
     for c in order:
         split = conds[c] or {}
         hf, hl = split.get("harmful") or {}, split.get("harmless") or {}

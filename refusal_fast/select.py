@@ -45,7 +45,9 @@ from .evaluate import (
     tokenize_prompts,
 )
 from .interventions import ablate, add, row_interventions
+from .means import Means
 from .models import get_adapter
+from .types import LayersLike, PositionsLike
 
 __all__ = ["select_direction", "SelectionResult", "NoDirectionError", "filter_reason", "METRICS"]
 
@@ -173,7 +175,7 @@ class SelectionResult:
         return cls(d["layer"], d["position"], vec(d["direction"]), vec(d["raw"]), table, d["layers"],
                    d["positions"], d["n_layers"], d["baseline"], d["params"], d.get("position_labels") or [])
 
-    def refilter(self, candidates: Any, *, kl_threshold: Any = _UNSET, induce_threshold: Any = _UNSET,
+    def refilter(self, candidates: Means | torch.Tensor, *, kl_threshold: Any = _UNSET, induce_threshold: Any = _UNSET,
                  prune_last_frac: Any = _UNSET, groups: Sequence[str] = ("harmful", "harmless"),
                  raise_if_none: bool = True) -> SelectionResult:
         """The same scores under other filters, without re-scoring any candidate.
@@ -212,7 +214,7 @@ class SelectionResult:
         return _choose(table, raw, norms, self.layers, self.positions, self.n_layers, self.baseline, p,
                        self.position_labels, raise_if_none)
 
-    def refilter_relaxing_kl(self, candidates: Any, thresholds: Sequence[float | None] = KL_FALLBACK,
+    def refilter_relaxing_kl(self, candidates: Means | torch.Tensor, thresholds: Sequence[float | None] = KL_FALLBACK,
                              groups: Sequence[str] = ("harmful", "harmless")) -> SelectionResult:
         """:meth:`refilter` with the KL filter relaxed step by step until some candidate passes.
 
@@ -244,6 +246,7 @@ class SelectionResult:
         n_ok = sum(r["filtered"] is None for r in self.table)
         if not self.found:
             return f"SelectionResult(no candidate survived; {len(self.table)} candidates)"
+        assert self.layer is not None and self.position is not None  # found: a candidate was chosen
         r = self.row(self.layer, self.position)
         return (f"SelectionResult(layer={self.layer}, position={self.position}, bypass={r['bypass']:.4g}, "
                 f"induce={r['induce']:.4g}, kl={r['kl']:.4g}; {n_ok}/{len(self.table)} candidates passed the filters)")
@@ -422,7 +425,7 @@ def _batched(scorer: _Scorer, model, raw, unit, cand_layers, todo, rows_per_pass
     try:
         with row_interventions(model) as ri:
             for group in groups:
-                jobs = []  # (length, set, prompt, task, candidate)
+                jobs: list[tuple[int, str, int, int, int]] = []  # (length, set, prompt, task, candidate)
                 for which, tasks in (("harmful", (_BYPASS,)), ("harmless", (_INDUCE, _KL))):
                     for p, ids in enumerate(scorer.ids[which]):
                         jobs.extend((len(ids), which, p, t, c) for t in tasks for c in group)
@@ -459,8 +462,9 @@ def _batched(scorer: _Scorer, model, raw, unit, cand_layers, todo, rows_per_pass
 # public entry point
 
 
-def select_direction(model, tokenizer, candidates: Any, harmful_val: Sequence[str], harmless_val: Sequence[str], *,
-                     layers: Any = None, positions: Any = None, groups: Sequence[str] = ("harmful", "harmless"),
+def select_direction(model, tokenizer, candidates: Means | torch.Tensor, harmful_val: Sequence[str],
+                     harmless_val: Sequence[str], *, layers: LayersLike = None, positions: PositionsLike = None,
+                     groups: Sequence[str] = ("harmful", "harmless"),
                      prune_last_frac: float | None = 0.2, kl_threshold: float | None = 0.1,
                      induce_threshold: float | None = 0.0, refusal_ids: Sequence[int] | None = None,
                      batch_size: int = 32, batched: bool = True, candidates_per_pass: int = 8,
@@ -653,6 +657,7 @@ def _draw_heatmap(result: SelectionResult, path: str | os.PathLike, title: str |
                     ax.text(li, pi, f"{g[pi, li]:.2g}", ha="center", va="center", fontsize=6,
                             color="white" if dark else "black")
         if result.found:
+            assert result.layer is not None and result.position is not None  # found: a candidate was chosen
             li, pi = result.layers.index(result.layer), result.positions.index(result.position)
             ax.add_patch(Rectangle((li - 0.5, pi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0))
     axes[-1].set_xlabel("layer (residual at block input)", fontsize=8)
@@ -661,14 +666,14 @@ def _draw_heatmap(result: SelectionResult, path: str | os.PathLike, title: str |
                for r in present]
     handles.append(Patch(facecolor="none", edgecolor="red", linewidth=2.0, label="chosen"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    p = result.params
+    params = result.params
     head = title or "Direction selection"
     chosen = (f"chosen: layer {result.layer}, position {result.position}" if result.found
               else "no candidate survived the filters")
-    kl = p.get("kl_threshold")
+    kl = params.get("kl_threshold")
     kl_text = "KL filter off" if kl is None else f"kl <= {kl}"
-    fig.suptitle(f"{head} — {chosen}\n({kl_text}, induce >= {p.get('induce_threshold')}, "
-                 f"layers < {p.get('layer_cutoff')}; "
+    fig.suptitle(f"{head} — {chosen}\n({kl_text}, induce >= {params.get('induce_threshold')}, "
+                 f"layers < {params.get('layer_cutoff')}; "
                  f"baseline harmful {result.baseline.get('harmful', float('nan')):.3g}, "
                  f"harmless {result.baseline.get('harmless', float('nan')):.3g})", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))

@@ -10,13 +10,17 @@ transformers model: ``save_pretrained`` it and load it in any server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .basis import check_width, orthonormalize
 from .models import UnsupportedModelError, get_adapter
+from .types import BasisLike
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 __all__ = ["orthogonalize", "OrthogonalizationRecord"]
 
@@ -56,7 +60,7 @@ class OrthogonalizationRecord:
         self._undone = True
 
 
-def orthogonalize(model: nn.Module, basis: Any, normalize: bool = True, untie: bool = True,
+def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, untie: bool = True,
                   allow_inexact: bool = False, keep_originals: bool = True) -> OrthogonalizationRecord:
     """Permanently remove a direction / subspace from everything that writes to the residual stream.
 
@@ -170,7 +174,7 @@ def _restore(rec: OrthogonalizationRecord) -> None:
     if rec.untied:
         ad = get_adapter(rec.model)
         ad.lm_head.weight = ad.embed.weight
-        config = rec.model.config
+        config = cast("PreTrainedConfig", rec.model.config)
         config.tie_word_embeddings = rec._tie_state["config"]
         if "all_tied_weights_keys" in rec._tie_state:
             rec.model.all_tied_weights_keys = rec._tie_state["all_tied_weights_keys"]

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,8 @@ class JSONResult:
     (arrays come back as nested lists). Fields named in ``_json_exclude`` (large tensors) are left out."""
 
     _json_exclude: tuple[str, ...] = ()
+    if TYPE_CHECKING:  # set by @dataclass on the subclasses (lets dataclasses.fields accept self / cls)
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_dict(self) -> dict:
         out = {"kind": type(self).__name__}
@@ -73,7 +75,7 @@ class JSONResult:
         kw = {k: v for k, v in d.items() if k in names}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.name not in kw and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+                   and f.default_factory is dataclasses.MISSING]
         for m in missing:  # excluded (large) fields are not stored
             kw[m] = None
         return cls(**kw)
@@ -262,7 +264,8 @@ def as_prompt_dict(prompts: Sequence[str] | Mapping[str, Sequence[str]], name: s
     return {str(k): list(v) for k, v in d.items()}
 
 
-def measure(model, tokenizer, groups: Mapping[str, Sequence[str]], cfg: EvalConfig) -> dict[str, dict[str, float]]:
+def measure(model, tokenizer, groups: Mapping[str, Sequence[str]],
+            cfg: EvalConfig) -> dict[str, dict[str, float | None]]:
     """Mean refusal score (and with ``cfg.generate`` the classifier refusal rate and degeneration
     rate) of each prompt group under whatever interventions are active on ``model``.
 
@@ -291,7 +294,7 @@ def measure(model, tokenizer, groups: Mapping[str, Sequence[str]], cfg: EvalConf
     for i, g in enumerate(names):
         a, b = int(bounds[i]), int(bounds[i + 1])
         res = {"score": float(scores[a:b].mean()), "rate": None, "degeneration": None, "n": b - a}
-        if texts is not None:
+        if texts is not None and refused is not None:  # both set when cfg.generate
             res["rate"] = sum(refused[a:b]) / (b - a)
             res["degeneration"] = degeneration_rate(texts[a:b])
         out[g] = res

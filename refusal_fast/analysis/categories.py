@@ -181,14 +181,14 @@ def _select_layer(model, tokenizer, candidates: torch.Tensor, layers: list[int],
     kw = {"progress": False, **dict(select_kwargs), "raise_if_none": False}
     res = select_direction(model, tokenizer, candidates[keep].unsqueeze(1), val, harmless_val,
                            layers=[layers[i] for i in keep], positions=[position], **kw)
-    if res.found:
+    if res.layer is not None:  # res.found
         layer = int(res.layer)
     else:  # lowest bypass score among candidates not pruned as too late (else among all)
         rows = [r for r in res.table if r["filtered"] not in ("late_layer", "nan")] or \
                [r for r in res.table if r["filtered"] != "nan"] or res.table
         layer = int(min(rows, key=lambda r: (r["bypass"] != r["bypass"], r["bypass"]))["layer"])
     row = res.row(layer, position)
-    summary = {"layer": layer, "found": bool(res.found)}
+    summary: dict[str, Any] = {"layer": layer, "found": bool(res.found)}
     for key in ("bypass", "induce", "kl"):
         v = row.get(key)
         summary[key] = None if v is None or v != v else float(v)

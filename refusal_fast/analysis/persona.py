@@ -168,7 +168,7 @@ def persona_direction(model, tokenizer, instructions: Sequence[str], compliant: 
     if isinstance(position, bool) or not isinstance(position, int) or position >= 0:
         raise ValueError(f"position must be a negative int, got {position!r}")
     per_prompt = []
-    layers = None
+    layers: list[int] = []  # set by the loop below (compliant and refusing are non-empty)
     for sp in list(compliant) + list(refusing):
         m = extract_means(model, tokenizer, {"x": instructions}, positions=[position], batch_size=batch_size,
                           system_prompt=sp, progress=progress)
@@ -521,8 +521,8 @@ def window_knockout(model, tokenizer, persona: PersonaDirection, harmful: Sequen
     alpha = _as_floats([alpha], "alpha")[0]
     if windows is None:
         windows = default_windows(len(persona.layers), steer_layer)
-    windows = [[_check_layer(persona, l, "window layer") for l in w] for w in windows]
-    if not windows or any(not w for w in windows):
+    wins = [[_check_layer(persona, l, "window layer") for l in w] for w in windows]
+    if not wins or any(not w for w in wins):
         raise ValueError("windows must be a non-empty list of non-empty layer lists")
     steer_unit = persona.unit(steer_layer)
 
@@ -535,16 +535,16 @@ def window_knockout(model, tokenizer, persona: PersonaDirection, harmful: Sequen
             return {l: v for l in w}
         return {l: random_like(persona.unit(l), derive_seed(seed, 5, wi, r, l)) for l in w}
 
-    nw = len(windows)
+    nw = len(wins)
     base = _measure1(model, tokenizer, harmful, cfg)
     ko, ko_rate, ko_only = nan_array(nw), nan_array(nw), nan_array(nw)
     rnd, rnd_rate = nan_array(nw, n_random), nan_array(nw, n_random)
-    for wi, w in enumerate(windows):
+    for wi, w in enumerate(wins):
         with _knockout(model, persona_vecs(w)):
             ko_only[wi] = _measure1(model, tokenizer, harmful, cfg)["score"]
     with _steering(model, persona, steer_layer, alpha, norm_match, alpha_unit):
         steered = _measure1(model, tokenizer, harmful, cfg)
-        for wi, w in enumerate(windows):
+        for wi, w in enumerate(wins):
             with _knockout(model, persona_vecs(w)):
                 r = _measure1(model, tokenizer, harmful, cfg)
             ko[wi], ko_rate[wi] = r["score"], r["rate"] if cfg.generate else np.nan
@@ -556,7 +556,7 @@ def window_knockout(model, tokenizer, persona: PersonaDirection, harmful: Sequen
     rs = rnd.mean(-1)
     return KnockoutResult(
         steer_layer=steer_layer, alpha=alpha, norm_match=norm_match, alpha_unit=alpha_unit, basis=basis,
-        windows=windows, labels=[f"layer {w[0]}" if len(w) == 1 else f"layers {w[0]}-{w[-1]}" for w in windows],
+        windows=wins, labels=[f"layer {w[0]}" if len(w) == 1 else f"layers {w[0]}-{w[-1]}" for w in wins],
         baseline_score=base["score"], steered_score=steered["score"], knockout_score=ko, random_score=rs,
         random_score_std=rnd.std(-1), knockout_only_score=ko_only,
         restored=_recovered(ko, steered["score"], base["score"]),
