@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -23,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -285,30 +284,11 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
             w.writerow({k: r.get(k) for k in cols})
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (torch.dtype, torch.device, Path)):
-        return str(o)
-    if hasattr(o, "__dataclass_fields__"):
-        return asdict(o)
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
-
-
-def _nan_to_none(o: Any) -> Any:
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    if isinstance(o, dict):
-        return {k: _nan_to_none(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_nan_to_none(v) for v in o]
-    return o
-
-
 def write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (NaN/inf written as null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_nan_to_none(obj), indent=1, default=_json_default) + "\n")
+    """Strict JSON (NaN/inf written as null), atomically: :func:`refusal_fast.artifacts.write_json`."""
+    from refusal_fast.artifacts import write_json as _write_json
+
+    _write_json(path, obj)
 
 
 def log(msg: str) -> None:
