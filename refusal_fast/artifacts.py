@@ -270,9 +270,9 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
                     for k, t in ts.items()},
     }
     side = sidecar_path(target)
-    if side != target and (side.exists() or side.is_symlink()):
-        side.unlink()  # never leave a sidecar that describes another version of the tensor file
-        _fsync_dir(target.parent)
+    if side != target:
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()  # never leave a sidecar that describes another version of the tensor file
     with atomic_path(target) as tmp:
         save_file(ts, str(tmp), metadata={META_KEY: meta_text, INTEGRITY_KEY: json.dumps(integrity, sort_keys=True)})
     if sidecar and side != target:
@@ -439,6 +439,8 @@ def check_writable(directory: str | os.PathLike, what: str = "output directory")
         ArtifactError: the directory cannot be created, is not a directory, or is not writable.
     """
     d = Path(directory).expanduser()
+    if d.exists() and not d.is_dir():
+        raise ArtifactError(f"the {what} {d} is not a directory")
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -198,8 +198,7 @@ def _check_alpha(alpha: Any) -> float:
             raise ValueError(f"alpha must be a finite number or a 0-d real tensor, got a {alpha.dtype} tensor "
                              f"of shape {tuple(alpha.shape)}")
         alpha = alpha.item()
-    if isinstance(alpha, bool) or type(alpha).__name__ == "bool_" or not isinstance(alpha, numbers.Real) \
-            or not math.isfinite(float(alpha)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     return float(alpha)
 
