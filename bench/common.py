@@ -276,12 +276,16 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         for k in r:
             if k not in cols:
                 cols.append(k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in cols})
+    import io
+
+    from refusal_fast.artifacts import write_text
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in cols})
+    write_text(path, buf.getvalue())
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,11 +55,13 @@ def means_a(pair, tok):
     return extract_means(pair[0], tok, GROUPS, batch_size=4, progress=False)
 
 
-def _flip_data_byte(path: Path, offset_from_data: int = 3) -> None:
-    """Flip one bit inside the tensor data of a safetensors file (after its JSON header)."""
+def _flip_data_byte(path: Path, tensor: str, offset: int = 3) -> None:
+    """Flip one bit inside ``tensor``'s data in a safetensors file (located through its JSON header)."""
     raw = bytearray(path.read_bytes())
     header_len = int.from_bytes(raw[:8], "little")
-    raw[8 + header_len + offset_from_data] ^= 0x10
+    start, end = json.loads(raw[8:8 + header_len])[tensor]["data_offsets"]
+    assert start + offset < end
+    raw[8 + header_len + start + offset] ^= 0x10
     path.write_bytes(bytes(raw))
 
 
@@ -258,15 +261,15 @@ def test_two_writers_of_one_path_never_collide(tmp_path):
 
     path = tmp_path / "means.safetensors"
     errors = []
+    start = threading.Barrier(3)
 
     def writer(seed):
+        start.wait()
         try:
-            for i in range(25):
+            for i in range(40):
                 means_at(seed * 100 + i).save(path)
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
-
-    import threading
 
     threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2, 3)]
     for t in threads:
@@ -274,7 +277,7 @@ def test_two_writers_of_one_path_never_collide(tmp_path):
     for t in threads:
         t.join()
     assert errors == []  # (fixed temporary names made concurrent writers fail with FileNotFoundError)
-    assert Means.load(path).metadata["iteration"] in {124, 224, 324}  # one writer's last save, verified
+    assert Means.load(path).metadata["iteration"] in {139, 239, 339}  # one writer's last save, verified
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind by a finished writer
 
 
@@ -331,17 +334,17 @@ def test_two_cli_runs_on_one_out(cli_env):
 
 def test_bit_flip_in_means_direction_checkpoint_detected(pair, tok, means_a, tmp_path):
     path = means_a.save(tmp_path / "means.safetensors")
-    _flip_data_byte(path)
+    _flip_data_byte(path, "sums")
     with pytest.raises(ValueError, match="checksum") as err:
         Means.load(path)
     assert str(path) in str(err.value)
     d = save_direction(tmp_path / "direction.safetensors", torch.randn(80, dtype=torch.float64), {"layer": 1})
-    _flip_data_byte(d, 17)
+    _flip_data_byte(d, "direction", 17)
     with pytest.raises(ValueError, match="checksum"):
         load_direction(d)
     ckpt = tmp_path / "state.safetensors"
     extract_means(pair[0], tok, GROUPS, batch_size=4, progress=False, checkpoint=ckpt)
-    _flip_data_byte(ckpt, 40)
+    _flip_data_byte(ckpt, "sums", 40)
     with pytest.raises(ValueError, match="checksum"):
         extract_means(pair[0], tok, GROUPS, batch_size=4, progress=False, checkpoint=ckpt)
 

@@ -43,7 +43,7 @@ import torch
 
 __all__ = [
     "ArtifactError", "OutputLockedError", "library_version",
-    "to_jsonable", "dumps_json", "write_json", "read_json", "write_text", "write_bytes", "atomic_path",
+    "to_jsonable", "dumps_json", "write_json", "read_json", "write_text", "write_bytes", "write_figure", "atomic_path",
     "tensor_sha256", "sidecar_path", "save_tensors", "load_tensors", "read_metadata", "verify",
     "rewrite_sidecar", "check_writable", "locked_directory", "LOCK_NAME",
 ]
@@ -152,6 +152,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; returns the path."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def write_figure(fig, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """Render a matplotlib figure (PNG unless ``format=`` says otherwise) and write it atomically."""
+    import io
+
+    buf = io.BytesIO()
+    savefig_kwargs.setdefault("format", "png")
+    fig.savefig(buf, **savefig_kwargs)
+    return write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------

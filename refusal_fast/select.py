@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import chat
-from .artifacts import ArtifactError, read_json, tensor_sha256, write_json
+from .artifacts import ArtifactError, read_json, tensor_sha256, write_figure, write_json
 from .evaluate import (
     check_batch_size,
     check_instructions,
@@ -731,7 +731,4 @@ def _draw_heatmap(result: SelectionResult, path: str | os.PathLike, title: str |
                  f"baseline harmful {result.baseline.get('harmful', float('nan')):.3g}, "
                  f"harmless {result.baseline.get('harmless', float('nan')):.3g})", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)
