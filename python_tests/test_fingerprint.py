@@ -95,3 +95,11 @@ def test_check_identity(tok, model):
     assert check_identity({"n_layers": 3}, other) is None  # only what is recorded is checked
     with pytest.raises(ModelMismatchError, match="delete it"):
         check_identity(rec, other, hint="delete it")
+
+
+def test_fingerprint_benchmark_runs():
+    from bench.bench_fingerprint import rows
+
+    r = rows(smoke=True, rounds=1)
+    assert [x["model"] for x in r] == ["random Llama (bf16)", "Llama shapes (smoke)"]
+    assert all(x["fingerprint_s"] > 0 for x in r) and r[0]["full_sha256_s"] > 0

@@ -459,6 +459,10 @@ def test_prompt_longer_than_the_position_table(tok):
     assert "prompt 1" in str(err.value)
     with pytest.raises(ValueError, match="n_positions"):
         refusal_scores(gpt2, tok, [long], progress=False)
+    n = len(tok(long)["input_ids"])
+    with pytest.raises(ValueError, match="generate fewer tokens"):  # the prompt fits, prompt + new tokens do not
+        generate_completions(gpt2, tok, [" ".join(["word"] * 100)], max_new_tokens=500, progress=False)
+    assert n > 512
     llama = make_model("llama", tok)  # rotary, max_position_embeddings 512: warns, works
     with pytest.warns(UserWarning, match="max_position_embeddings"):
         extract_means(llama, tok, {"a": [long], "b": ["x"]}, layers=[1], progress=False)

@@ -79,7 +79,8 @@ def collate(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> dict[str
     return out
 
 
-def check_prompt_lengths(model, lengths: Sequence[int], instructions: Sequence[str], what: str = "prompt") -> None:
+def check_prompt_lengths(model, lengths: Sequence[int], instructions: Sequence[str], what: str = "prompt",
+                         new_tokens: int = 0) -> None:
     """Fail on prompts longer than the model can read, warn on prompts longer than it was trained on.
 
     Models with a learned position table (GPT-2's ``wpe``, ``n_positions`` rows) cannot embed a
@@ -88,6 +89,7 @@ def check_prompt_lengths(model, lengths: Sequence[int], instructions: Sequence[s
 
     Args:
         lengths: token count of each formatted prompt; ``instructions``: the prompts, same order.
+        new_tokens: tokens that generation will append (``max_new_tokens``).
     """
     if not lengths:
         return
@@ -95,20 +97,23 @@ def check_prompt_lengths(model, lengths: Sequence[int], instructions: Sequence[s
 
     ad = get_adapter(model)
     i = max(range(len(lengths)), key=lambda j: lengths[j])
-    n = int(lengths[i])
+    n = int(lengths[i]) + int(new_tokens)
+    size = f"{lengths[i]} tokens long after chat formatting" + (f", {n} with {new_tokens} new tokens" if new_tokens
+                                                                 else "")
     if ad.pos_embed is not None:
         limit = int(ad.pos_embed.num_embeddings)
         if n > limit:
             raise ValueError(
-                f"{what} {i} ({instructions[i][:60]!r}) is {n} tokens long after chat formatting, but {ad.arch} "
-                f"has learned positions for only {limit} tokens (n_positions); shorten or drop that prompt"
+                f"{what} {i} ({instructions[i][:60]!r}) is {size}, but {ad.arch} has learned positions for only "
+                f"{limit} tokens (n_positions); shorten or drop that prompt"
+                + (" or generate fewer tokens" if new_tokens else "")
             )
         return
     limit = getattr(ad.model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and n > limit:
         warnings.warn(
-            f"{what} {i} ({instructions[i][:60]!r}) is {n} tokens long after chat formatting, beyond the model's "
-            f"max_position_embeddings={limit}; results past the trained context length are unreliable",
+            f"{what} {i} ({instructions[i][:60]!r}) is {size}, beyond the model's max_position_embeddings={limit}; "
+            "results past the trained context length are unreliable",
             stacklevel=3,
         )
 

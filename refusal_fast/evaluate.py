@@ -75,11 +75,11 @@ def tokenize_prompts(tokenizer, instructions: Sequence[str], system_prompt: str 
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, desc
+def _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, desc, new_tokens: int = 0
              ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(indices, batch)`` over length buckets of the formatted prompts (longest first)."""
     ids = tokenize_prompts(tokenizer, instructions, system_prompt)
-    chat.check_prompt_lengths(model, [len(r) for r in ids], instructions)
+    chat.check_prompt_lengths(model, [len(r) for r in ids], instructions, new_tokens=new_tokens)
     pad = chat.pad_token_id(tokenizer)
     device = get_adapter(model).device
     bar = progress_bar(len(ids), desc, progress)
@@ -307,7 +307,8 @@ def generate_completions(model, tokenizer, instructions: Sequence[str], max_new_
     out: list[str | None] = [None] * len(instructions)
     gen_cfg = _greedy_config(model, tokenizer, max_new_tokens)
     with torch.inference_mode():
-        for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "generate"):
+        for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "generate",
+                                   new_tokens=max_new_tokens):
             batch.pop("position_ids")  # generate derives them from the attention mask at every step
             seq = model.generate(**batch, generation_config=gen_cfg, **generate_kwargs)
             new = seq[:, batch["input_ids"].shape[1]:]

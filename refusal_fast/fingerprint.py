@@ -8,9 +8,10 @@ not two checkpoints of one configuration (a base model and its fine-tune, the de
   ``torch.compile`` removed) a fixed, seeded sample of ``SAMPLES_PER_TENSOR`` element positions
   (all elements of smaller tensors) is drawn with splitmix64 seeded by the parameter's name and
   shape, so the positions depend on nothing else (not on torch's RNG or version);
-- the sampled elements are gathered **on the parameter's device** (a few hundred bytes per
-  tensor cross to the host: milliseconds even for an 8B model), **rounded to bfloat16**, and
-  hashed with the names and shapes (sha256, first 32 hex digits).
+- the sampled elements are gathered **on the parameter's device** and cross to the host in one
+  transfer per device (a few hundred bytes per tensor: milliseconds even for an 8B model), are
+  converted to float32 and **rounded to bfloat16**, and are hashed with the names and shapes
+  (sha256, first 32 hex digits).
 
 dtype: because values are rounded to bfloat16 before hashing, a float32 model and its bfloat16
 copy (``.to(torch.bfloat16)`` or ``from_pretrained(dtype=torch.bfloat16)``, both round to nearest
@@ -26,7 +27,9 @@ orthogonalization, a refusal patch, LoRA merges) change it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,13 +63,14 @@ def _splitmix64(seed: int, n: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _sample_positions(name: str, shape: tuple[int, ...], numel: int) -> torch.Tensor:
-    """Flat element positions sampled from a parameter ``[numel]`` (int64, CPU)."""
+@functools.lru_cache(maxsize=8192)
+def _sample_positions(name: str, shape: tuple[int, ...], numel: int, device: str) -> torch.Tensor:
+    """Flat element positions sampled from a parameter ``[numel]`` (int64, on ``device``; cached)."""
     if numel <= SAMPLES_PER_TENSOR:
-        return torch.arange(numel, dtype=torch.int64)
+        return torch.arange(numel, dtype=torch.int64, device=device)
     seed = int.from_bytes(hashlib.sha256(f"{name}|{list(shape)}".encode()).digest()[:8], "little")
     pos = (_splitmix64(seed, SAMPLES_PER_TENSOR) % np.uint64(numel)).astype(np.int64)
-    return torch.from_numpy(pos)
+    return torch.from_numpy(pos).to(device)
 
 
 def _module(model: Any) -> nn.Module:
@@ -90,7 +94,8 @@ def weights_fingerprint(model: Any) -> str:
     """
     module = _module(model)
     params = sorted(((n.replace("_orig_mod.", ""), p) for n, p in module.named_parameters()), key=lambda x: x[0])
-    h = hashlib.sha256(FINGERPRINT_METHOD.encode())
+    samples: list[torch.Tensor] = []
+    by_device: dict[torch.device, list[int]] = {}
     for name, p in params:
         if p.is_meta:
             raise ValueError(
@@ -98,12 +103,22 @@ def weights_fingerprint(model: Any) -> str:
                 "init_empty_weights / device='meta' model). Load the weights first (from_pretrained without "
                 "device_map='meta', or to_empty() followed by load_state_dict)"
             )
-        idx = _sample_positions(name, tuple(p.shape), p.numel())
-        vals = p.detach().reshape(-1).index_select(0, idx.to(p.device)).to("cpu")
-        vals = vals.to(torch.bfloat16) if not vals.is_complex() else torch.view_as_real(vals).to(torch.bfloat16)
-        vals = torch.where(torch.isnan(vals), torch.full_like(vals, float("nan")), vals)  # one NaN bit pattern
-        h.update(f"{name}|{list(p.shape)}|".encode())
-        h.update(vals.contiguous().view(torch.int16).numpy().tobytes())
+        flat = p.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        idx = _sample_positions(name, tuple(p.shape), flat.numel(), str(flat.device))
+        by_device.setdefault(flat.device, []).append(len(samples))
+        samples.append(flat.index_select(0, idx).to(torch.float32))  # gathered where the weights live
+    host: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+    for ids in by_device.values():  # one transfer per device
+        parts = torch.cat([samples[i] for i in ids]).to("cpu").split([samples[i].numel() for i in ids])
+        for i, part in zip(ids, parts):
+            host[i] = part
+    vals = torch.cat(host).to(torch.bfloat16) if host else torch.empty(0, dtype=torch.bfloat16)
+    vals = torch.where(torch.isnan(vals), torch.full_like(vals, float("nan")), vals)  # one NaN bit pattern
+    h = hashlib.sha256(FINGERPRINT_METHOD.encode())
+    h.update(json.dumps([[name, list(p.shape)] for name, p in params]).encode())
+    h.update(vals.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
