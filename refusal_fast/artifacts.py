@@ -239,7 +239,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 (hex) of a tensor's raw bytes in C order (its dtype's own bytes, on the CPU)."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy() if t.numel() else b"").hexdigest()
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
 
 
 def _dtype_name(t: torch.Tensor) -> str:

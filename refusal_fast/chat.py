@@ -101,18 +101,18 @@ def check_prompt_lengths(model, lengths: Sequence[int], instructions: Sequence[s
     size = f"{lengths[i]} tokens long after chat formatting" + (f", {n} with {new_tokens} new tokens" if new_tokens
                                                                  else "")
     if ad.pos_embed is not None:
-        limit = int(ad.pos_embed.num_embeddings)
-        if n > limit:
+        table = int(ad.pos_embed.num_embeddings)
+        if n > table:
             raise ValueError(
                 f"{what} {i} ({instructions[i][:60]!r}) is {size}, but {ad.arch} has learned positions for only "
-                f"{limit} tokens (n_positions); shorten or drop that prompt"
+                f"{table} tokens (n_positions); shorten or drop that prompt"
                 + (" or generate fewer tokens" if new_tokens else "")
             )
         return
-    limit = getattr(ad.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and n > limit:
+    trained = getattr(ad.model.config, "max_position_embeddings", None)
+    if isinstance(trained, int) and n > trained:
         warnings.warn(
-            f"{what} {i} ({instructions[i][:60]!r}) is {size}, beyond the model's max_position_embeddings={limit}; "
+            f"{what} {i} ({instructions[i][:60]!r}) is {size}, beyond the model's max_position_embeddings={trained}; "
             "results past the trained context length are unreliable",
             stacklevel=3,
         )
