@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -23,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,38 +276,23 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         for k in r:
             if k not in cols:
                 cols.append(k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in cols})
+    import io
 
+    from refusal_fast.artifacts import write_text
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (torch.dtype, torch.device, Path)):
-        return str(o)
-    if hasattr(o, "__dataclass_fields__"):
-        return asdict(o)
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
-
-
-def _nan_to_none(o: Any) -> Any:
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    if isinstance(o, dict):
-        return {k: _nan_to_none(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_nan_to_none(v) for v in o]
-    return o
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in cols})
+    write_text(path, buf.getvalue())
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (NaN/inf written as null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_nan_to_none(obj), indent=1, default=_json_default) + "\n")
+    """Strict JSON (NaN/inf written as null), atomically: :func:`refusal_fast.artifacts.write_json`."""
+    from refusal_fast.artifacts import write_json as _write_json
+
+    _write_json(path, obj)
 
 
 def log(msg: str) -> None:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from refusal_fast.artifacts import write_figure, write_text
+
 from .common import fmt, markdown_table, write_csv, write_json
 
 #: Columns shown in the Markdown tables (CSV/JSON keep every column).
@@ -150,7 +152,7 @@ def write_outputs(out: Path, stem: str, title: str, env: Mapping[str, Any], sect
         if isinstance(rows, list) and rows:
             write_csv(out / f"{stem}_{name}.csv", rows)
     md = markdown_report(title, env, sections, notes)
-    (out / f"{stem}.md").write_text(md)
+    write_text(out / f"{stem}.md", md)
     return md
 
 
@@ -227,8 +229,7 @@ def plot(sections: Mapping[str, Any], path: Path, title: str) -> None:
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -381,9 +381,10 @@ def test_eval_matched_random_control(env, pipeline):
     code, _ = _run(["eval", *c, "--harmful", env / "harmful.json", "--harmless", env / "harmless.json",
                     "--n-harmful", "6", "--n-harmless", "5", "--max-new-tokens", "3", "--conditions",
                     "baseline,random_ablate", "--random-control", "matched",
-                    "--direction", env / "run" / "selection.json"])
+                    "--direction", env / "run" / "selection.json", "--allow-other-weights"])  # other weights: planted
     assert code == 0
     ev = json.loads((env / "run_matched" / "eval.json").read_text())
+    assert ev["direction"]["allow_other_weights"] is True
     assert ev["random_control"]["kind"] == "matched" and ev["random_control"]["seed"] == 0
     assert ev["random_control"]["massive_activation_dims"] == [planted]
     d = _load_any_direction(env / "run" / "selection.json")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from refusal_fast import datasets, demo_model
 from refusal_fast.demo_model import (
@@ -131,19 +132,36 @@ def test_patch_changes_only_patched_tensors(base, patched):
     assert changed == set(meta["tensors"])
 
 
+def test_weights_fingerprint_tells_demo_from_demo_base(base, patched):
+    """Same config hash, three tensors different: the weights fingerprint separates them, and means of one are
+    refused for the other with both named."""
+    from refusal_fast.extract import extract_means
+    from refusal_fast.fingerprint import model_identity
+
+    a, b = model_identity(patched[0]), model_identity(base[0])
+    assert a["config_hash"] == b["config_hash"]
+    assert a["weights_fingerprint"] != b["weights_fingerprint"]
+    means = extract_means(patched[0], patched[1], {"x": ["Hi"], "y": ["Bye"]}, layers=[1], progress=False)
+    with pytest.raises(ValueError, match="weights_fingerprint"):
+        means.check_model(base[0])
+
+
 def test_patch_on_wrong_base_is_clear_error(base, tmp_path):
     model, _ = base
     before = model.state_dict()[next(iter(read_patch_metadata()["tensors"]))].clone()
     with pytest.raises(ValueError, match="sha256"):
         apply_patch(model, DEFAULT_PATCH, base_sha256="0" * 64)
-    # a copy of the patch whose metadata names another base, through the public loader
+    # a copy of the patch whose metadata names another base (the header is authoritative), through the public loader
     bad = tmp_path / "bad.safetensors"
-    shutil.copy(DEFAULT_PATCH, bad)
     meta = read_patch_metadata()
     meta["base_sha256"] = "f" * 64
-    bad.with_suffix(".json").write_text(json.dumps(meta))
+    save_patch(load_file(str(DEFAULT_PATCH)), bad, metadata=meta)
     with pytest.raises(ValueError, match="only applies to the model it was trained on"):
         load_demo_model(patch=bad)
+    # editing only the readable .json copy changes nothing: it is not what the loader reads
+    shutil.copy(DEFAULT_PATCH, tmp_path / "copy.safetensors")
+    (tmp_path / "copy.json").write_text(json.dumps(meta))
+    assert read_patch_metadata(tmp_path / "copy.safetensors")["base_sha256"] == file_sha256(gguf_path())
     assert torch.equal(model.state_dict()[next(iter(meta["tensors"]))], before)
 
 

@@ -27,6 +27,8 @@ _EXPORTS = {
     "eoi_positions": "refusal_fast.chat",
     "eoi_tokens": "refusal_fast.chat",
     "refusal_token_ids": "refusal_fast.chat",
+    # model identity (artifacts record it; see docs/artifacts.md)
+    "weights_fingerprint": "refusal_fast.fingerprint",
     # extraction
     "extract_means": "refusal_fast.extract",
     "Means": "refusal_fast.extract",

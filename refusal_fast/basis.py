@@ -9,7 +9,7 @@ import torch
 
 from .types import BasisLike, VectorLike
 
-__all__ = ["orthonormalize", "unit_vector", "raw_vector", "as_float64_matrix", "check_width"]
+__all__ = ["orthonormalize", "unit_vector", "raw_vector", "as_float64_matrix", "check_width", "check_castable"]
 
 #: A basis is rank-deficient when its smallest singular value is below RANK_RTOL times its largest.
 RANK_RTOL = 1e-6
@@ -50,6 +50,21 @@ def check_width(q: torch.Tensor, d_model: int, what: str = "basis") -> None:
     """Raise ValueError unless the last dimension of ``q`` is ``d_model``."""
     if q.shape[-1] != d_model:
         raise ValueError(f"{what} has width {q.shape[-1]} but the model's d_model is {d_model}")
+
+
+def check_castable(t: torch.Tensor, dtype: torch.dtype, what: str = "vector") -> None:
+    """Raise ValueError unless ``t`` (float64) stays finite in float32 (the kernels' math) and in ``dtype``.
+
+    A vector that is finite in float64 but overflows the model's dtype would silently turn the
+    residual stream into inf / NaN.
+    """
+    for dt in dict.fromkeys((torch.float32, dtype)):
+        if dt.is_floating_point and not bool(torch.isfinite(t.to(dt)).all()):
+            big = float(t.abs().max())
+            raise ValueError(
+                f"{what} has entries up to {big:.3g}, which overflow {str(dt).replace('torch.', '')} "
+                f"(max {torch.finfo(dt).max:.3g}): the model would compute inf / NaN; use a smaller vector or alpha"
+            )
 
 
 def orthonormalize(basis: BasisLike, normalize: bool = True) -> torch.Tensor:

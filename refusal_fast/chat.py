@@ -8,13 +8,15 @@ positions. Because prompts are left padded, the eoi tokens sit at the same negat
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES", "format_prompt", "eoi_tokens", "eoi_positions", "encode_prompts",
-    "length_buckets", "refusal_token_ids", "ensure_pad_token", "template_fingerprint",
+    "length_buckets", "refusal_token_ids", "ensure_pad_token", "pad_token_id", "collate", "template_fingerprint",
+    "check_prompt_lengths",
 ]
 
 #: Phrases whose first token starts a typical refusal; :func:`refusal_token_ids` keeps the first token of each.
@@ -31,7 +33,11 @@ _SENTINELS = (
 
 
 def ensure_pad_token(tokenizer):
-    """Give ``tokenizer`` a pad token (eos or unk when missing) and left padding; returns it."""
+    """Give ``tokenizer`` a pad token (eos or unk when missing) and left padding; returns it.
+
+    This changes the tokenizer. The library's own functions never call it on a caller's tokenizer:
+    they pad with :func:`pad_token_id` and :func:`collate` instead.
+    """
     if tokenizer.pad_token_id is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -39,6 +45,77 @@ def ensure_pad_token(tokenizer):
         tokenizer.pad_token = fallback
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos, else its unk (the tokenizer is not changed)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(tokenizer, "unk_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("tokenizer has no pad, eos or unk token to pad with; set tokenizer.pad_token first")
+
+
+def collate(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Left-pad token id lists into ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[batch, seq]``.
+
+    ``position_ids = cumsum(mask) - 1`` clamped at 0, so absolute-position models see the positions
+    of the unpadded prompt.
+    """
+    if not rows:
+        raise ValueError("collate: no rows")
+    T = max(len(r) for r in rows)
+    if T == 0:
+        raise ValueError("collate: all prompts are empty")
+    ids = torch.full((len(rows), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if len(r):
+            ids[b, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[b, T - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+def check_prompt_lengths(model, lengths: Sequence[int], instructions: Sequence[str], what: str = "prompt",
+                         new_tokens: int = 0) -> None:
+    """Fail on prompts longer than the model can read, warn on prompts longer than it was trained on.
+
+    Models with a learned position table (GPT-2's ``wpe``, ``n_positions`` rows) cannot embed a
+    longer input: ValueError naming the prompt and the limit. Rotary models can, but their quality
+    past ``config.max_position_embeddings`` is not what they were trained for: a warning.
+
+    Args:
+        lengths: token count of each formatted prompt; ``instructions``: the prompts, same order.
+        new_tokens: tokens that generation will append (``max_new_tokens``).
+    """
+    if not lengths:
+        return
+    from .models import get_adapter
+
+    ad = get_adapter(model)
+    i = max(range(len(lengths)), key=lambda j: lengths[j])
+    n = int(lengths[i]) + int(new_tokens)
+    size = f"{lengths[i]} tokens long after chat formatting" + (f", {n} with {new_tokens} new tokens" if new_tokens
+                                                                 else "")
+    if ad.pos_embed is not None:
+        table = int(ad.pos_embed.num_embeddings)
+        if n > table:
+            raise ValueError(
+                f"{what} {i} ({instructions[i][:60]!r}) is {size}, but {ad.arch} has learned positions for only "
+                f"{table} tokens (n_positions); shorten or drop that prompt"
+                + (" or generate fewer tokens" if new_tokens else "")
+            )
+        return
+    trained = getattr(ad.model.config, "max_position_embeddings", None)
+    if isinstance(trained, int) and n > trained:
+        warnings.warn(
+            f"{what} {i} ({instructions[i][:60]!r}) is {size}, beyond the model's max_position_embeddings={trained}; "
+            "results past the trained context length are unreliable",
+            stacklevel=3,
+        )
 
 
 def _messages(instruction: str, system_prompt: str | None) -> list[dict]:
@@ -127,7 +204,7 @@ def eoi_positions(tokenizer, system_prompt: str | None = None) -> list[int]:
 def encode_prompts(
     tokenizer, instructions: Sequence[str], system_prompt: str | None = None, device=None
 ) -> dict[str, torch.Tensor]:
-    """Format and tokenize instructions as one left-padded batch.
+    """Format and tokenize instructions as one left-padded batch (the tokenizer is not changed).
 
     Returns:
         ``input_ids`` ``[batch, seq]``, ``attention_mask`` ``[batch, seq]`` and ``position_ids``
@@ -138,18 +215,9 @@ def encode_prompts(
         raise TypeError("instructions must be a sequence of strings")
     if len(instructions) == 0:
         raise ValueError("instructions is empty")
-    ensure_pad_token(tokenizer)
     texts = [format_prompt(tokenizer, t, system_prompt) for t in instructions]
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    input_ids = enc["input_ids"]
-    mask = enc["attention_mask"]
-    if (mask[:, -1] == 0).any():
-        raise RuntimeError("tokenizer did not left-pad the batch (padding_side must be 'left')")
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return collate(rows, pad_token_id(tokenizer), device)  # left padding, whatever the tokenizer's padding_side
 
 
 def prompt_lengths(tokenizer, instructions: Sequence[str], system_prompt: str | None = None) -> list[int]:

@@ -19,10 +19,8 @@ library's public functions (extraction, selection, interventions, evaluation, an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 from .commands import (
@@ -30,10 +28,7 @@ from .commands import (
     DEFAULTS,
     DEMO_SIZES,
     PROG,
-    _record,
-    _seed,
-    _Session,
-    _version,
+    Session,
     cmd_categories,
     cmd_demo,
     cmd_eval,
@@ -42,6 +37,9 @@ from .commands import (
     cmd_persona,
     cmd_report,
     cmd_select,
+    open_outputs,
+    run_command,
+    version,
 )
 from .io import CLIError
 
@@ -165,6 +163,10 @@ def _common_parents(out_default: str = DEFAULTS["out"]) -> tuple[argparse.Argume
                         "transformers architectures load)")
     g.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="system prompt rendered into every prompt (default: none; the template's own default applies)")
+    g.add_argument("--allow-other-weights", action="store_true",
+                   help="use means / directions computed from another model of the same architecture and size "
+                        "(e.g. a base model's direction on its fine-tune); without it a weights-fingerprint or "
+                        "config mismatch is an error. Recorded in run.json and the artifacts")
 
     run = argparse.ArgumentParser(add_help=False)
     g = run.add_argument_group("run")
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "export orthogonalized weights and write an HTML report.",
         epilog="Start with `refusal-fast demo` (offline, a few minutes on a laptop CPU). "
                "Run `refusal-fast <command> --help` for the options of each command.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
     parents = list(_common_parents())  # re-created per subcommand below where a default differs
@@ -458,25 +460,11 @@ def _add_persona_args(p: argparse.ArgumentParser) -> None:
 # ===================================================================================== main
 
 
-def _dispatch(argv: Sequence[str], session: _Session, quiet: bool = False) -> dict:
-    """Parse ``argv``, run the subcommand, record it in run.json. Errors propagate."""
-    args = build_parser().parse_args(list(argv))
-    _seed(getattr(args, "seed", 0))
-    t0, c0 = time.perf_counter(), time.process_time()
-    if quiet:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            res = args.func(args, session)
-    else:
-        res = args.func(args, session)
-    if args.command not in ("report",):
-        _record(args, argv, time.perf_counter() - t0, res.get("model"), cpu_seconds=time.process_time() - c0)
-    return res
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``refusal-fast``; returns the exit status (0 ok, 1 error, 2 usage error).
 
-    ``--help`` / usage errors raise ``SystemExit`` from argparse as usual.
+    The arguments are parsed once; ``--help`` / usage errors raise ``SystemExit`` from argparse as
+    usual. Output paths are checked and ``--out`` is locked before any model is loaded.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -486,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)
     try:
-        _dispatch(argv, _Session())
+        with open_outputs(args):
+            run_command(args, argv, Session(parse=parser.parse_args))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -1,22 +1,31 @@
 """Implementations of the ``refusal-fast`` subcommands (argument parsing lives in :mod:`refusal_fast.cli`).
 
 Each ``cmd_<name>(args, session)`` reads its inputs (model, datasets, earlier artifacts in
-``args.out``), calls the library's public functions and writes its artifacts; it returns a dict
-(``"model"`` when one was loaded, for the run metadata). User errors raise :class:`~refusal_fast.io.CLIError`.
+``args.out``), calls the library's public functions and writes its artifacts through
+:mod:`refusal_fast.artifacts`; it returns a dict (``"model"`` when one was loaded, for the run
+metadata). User errors raise :class:`~refusal_fast.io.CLIError`.
+
+Imports go one way: :mod:`refusal_fast.cli` imports this module, never the reverse. The demo runs
+its steps through :meth:`Session.run_argv`, with the parser the CLI hands to :class:`Session`.
+:func:`open_outputs` checks the output paths and takes the ``--out`` lock before any model loads.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
+import os
 import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import CLIError, load_dataset, load_direction, load_model, read_json, save_direction, write_json
+from .artifacts import ArtifactError, check_writable, locked_directory, read_json, write_json
+from .fingerprint import check_identity, model_identity
+from .io import CLIError, load_dataset, load_direction, load_model, save_direction
 
 PROG = "refusal-fast"
 
@@ -71,7 +80,8 @@ def demo_select_layers(n_layers: int) -> list[int]:
 # ============================================================================== run plumbing
 
 
-def _version() -> str:
+def version() -> str:
+    """The package version (``"unknown"`` if it cannot be read)."""
     try:
         from . import __version__
 
@@ -80,11 +90,17 @@ def _version() -> str:
         return "unknown"
 
 
-class _Session:
-    """Shared state of one CLI invocation: a model cache (the demo loads once) and the out dir."""
+class Session:
+    """Shared state of one CLI invocation: a model cache (the demo loads once) and the argument parser.
 
-    def __init__(self) -> None:
+    Args:
+        parse: ``argv -> argparse.Namespace`` (the CLI's ``parse_args``); :meth:`run_argv` uses it
+            so that each demo step is parsed exactly like the corresponding subcommand.
+    """
+
+    def __init__(self, parse: Callable[[list[str]], argparse.Namespace] | None = None) -> None:
         self.models: dict[tuple, tuple] = {}
+        self.parse = parse
 
     def model(self, args) -> tuple:
         key = (args.model, args.dtype, args.device, bool(args.trust_remote_code))
@@ -92,6 +108,63 @@ class _Session:
             _say(args, f"loading model {args.model} ({args.dtype})")
             self.models[key] = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
         return self.models[key]
+
+    def run_argv(self, argv: Sequence[str], quiet: bool = False) -> dict:
+        """Parse ``argv`` and :func:`run_command` it in this session (the outputs are already locked)."""
+        if self.parse is None:
+            raise RuntimeError("this Session has no parser; construct it with Session(parse=parser.parse_args)")
+        return run_command(self.parse(list(argv)), argv, self, quiet=quiet)
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str], session: Session, quiet: bool = False) -> dict:
+    """Run the parsed subcommand ``args.func`` and record it in ``<out>/run.json``. Errors propagate."""
+    _seed(getattr(args, "seed", 0))
+    t0, c0 = time.perf_counter(), time.process_time()
+    if quiet:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            res = args.func(args, session)
+    else:
+        res = args.func(args, session)
+    if args.command != "report":
+        _record(args, argv, time.perf_counter() - t0, res.get("model"), cpu_seconds=time.process_time() - c0)
+    return res
+
+
+@contextlib.contextmanager
+def open_outputs(args: argparse.Namespace) -> Iterator[None]:
+    """Before any model is loaded: prove every output directory writable, hold the ``--out`` lock
+    (a second run on the same directory fails at once) and check that ``run.json`` is readable."""
+    out = Path(args.out)
+    with contextlib.ExitStack() as stack:
+        try:
+            if args.command == "report":
+                if not out.is_dir():
+                    raise CLIError(f"output directory not found: {out} (run some commands with --out {out} first)")
+                if args.output is not None:
+                    check_writable(Path(args.output).expanduser().resolve().parent, "--output directory")
+            elif args.command == "export" and args.export_dir is not None:
+                check_writable(args.export_dir, "--export-dir")
+            stack.enter_context(locked_directory(out, owner=f"{PROG} {args.command}"))
+            _read_run_json(out / "run.json")
+        except ArtifactError as exc:
+            raise CLIError(str(exc)) from None
+        yield
+
+
+def _read_run_json(path: Path) -> dict:
+    """The run history in ``path`` ({} if absent). A corrupt file is an error, never replaced."""
+    if not path.exists():
+        return {}
+    try:
+        run = read_json(path, "run history")
+    except ArtifactError as exc:
+        run, why = None, str(exc)
+    else:
+        why = f"{path} holds {type(run).__name__}, not a JSON object"
+    if not isinstance(run, dict):
+        raise CLIError(f"{why}. It is this directory's run history and was left untouched: repair it, restore it "
+                       f"from a backup, or move it away (mv {path} {path}.bad) to start a new history")
+    return run
 
 
 def _say(args, msg: str) -> None:
@@ -121,19 +194,14 @@ def _seed(seed: int) -> None:
 
 
 def _record(args, argv: Sequence[str], seconds: float, model=None, cpu_seconds: float | None = None) -> None:
-    """Merge this command's metadata into OUT/run.json."""
+    """Merge this command's metadata into OUT/run.json (atomically; a corrupt run.json is an error)."""
     out = Path(args.out)
     path = out / "run.json"
-    try:
-        run = read_json(path) if path.is_file() else {}
-    except CLIError:
-        run = {}
-    if not isinstance(run, dict):
-        run = {}
+    run = _read_run_json(path)
     now = _dt.datetime.now().isoformat(timespec="seconds")
     run.setdefault("created", now)
     run["updated"] = now
-    run["library_version"] = _version()
+    run["library_version"] = version()
     try:
         from .ops import backend_info
 
@@ -149,17 +217,19 @@ def _record(args, argv: Sequence[str], seconds: float, model=None, cpu_seconds: 
         from .models import get_adapter
 
         ad = get_adapter(model)
-        if run.get("model") not in (None, args.model):
+        fp = model_identity(model)["weights_fingerprint"]
+        if run.get("model") not in (None, args.model) or run.get("weights_fingerprint") not in (None, fp):
             run["commands"] = []  # a different model: earlier command records no longer describe these artifacts
         run.update(model=args.model, model_name_or_path=ad.name_or_path, model_arch=ad.arch, n_layers=ad.n_layers,
-                   d_model=ad.d_model, config_hash=ad.config_hash, dtype=args.dtype, device=str(ad.device),
-                   seed=args.seed)
+                   d_model=ad.d_model, config_hash=ad.config_hash, weights_fingerprint=fp, dtype=args.dtype,
+                   device=str(ad.device), seed=args.seed)
         meta = getattr(model, "refusal_patch_metadata", None)
         if isinstance(meta, dict):
             run["refusal_patch"] = {k: meta[k] for k in ("layer", "base_sha256") if k in meta}
     cmds = [c for c in run.get("commands", []) if c.get("command") != args.command]
     cmds.append({"command": args.command, "argv": list(argv), "finished": now, "seconds": round(seconds, 2),
-                 "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2)})
+                 "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2),
+                 "allow_other_weights": bool(getattr(args, "allow_other_weights", False))})
     run["commands"] = cmds
     write_json(path, run)
 
@@ -173,30 +243,43 @@ def _default_path(value: str | None, args, name: str) -> Path:
 
 
 def _load_any_direction(path: Path) -> dict:
-    """``{"direction": unit [d], "raw": [d], "layer", "position"}`` from selection.json or a .safetensors."""
-    import torch
-
+    """``{"direction": unit [d], "raw": [d], "layer", "position", "source", "model_identity"}`` from a
+    selection.json or a direction .safetensors (both verified against their checksums)."""
     if path.suffix == ".json":
-        sel = read_json(path)
-        if not isinstance(sel, dict) or sel.get("format") != "refusal_fast.selection":
-            raise CLIError(f"{path} is not a selection.json written by `{PROG} select`")
-        if sel.get("direction") is None:
+        from .select import SelectionResult
+
+        sel = SelectionResult.from_json(path)  # checksums verified
+        if sel.direction is None or sel.raw is None:
             raise CLIError(f"{path}: the selection found no direction (all candidates were filtered); "
                            f"rerun `{PROG} select` with relaxed thresholds")
-        raw = torch.tensor(sel["raw"], dtype=torch.float64)
-        return {"direction": torch.tensor(sel["direction"], dtype=torch.float64), "raw": raw,
-                "layer": sel.get("layer"), "position": sel.get("position"), "source": str(path)}
+        return {"direction": sel.direction, "raw": sel.raw, "layer": sel.layer, "position": sel.position,
+                "source": str(path), "model_identity": sel.params.get("model_identity")}
     t, meta = load_direction(path)
     if t.dim() != 1:
         raise CLIError(f"{path}: expected one direction [d_model], got shape {tuple(t.shape)}")
     return {"direction": t / t.norm().clamp_min(1e-300), "raw": t, "layer": meta.get("layer"),
-            "position": meta.get("position"), "source": str(path)}
+            "position": meta.get("position"), "source": str(path), "model_identity": meta.get("model_identity")}
+
+
+def _check_direction_model(args, d: dict, model) -> dict | None:
+    """The direction ``d`` must come from ``model`` (weights fingerprint) unless --allow-other-weights."""
+    allow = bool(getattr(args, "allow_other_weights", False))
+    if d.get("model_identity") is None:
+        if allow:
+            return {"allow_other_weights": True, "source_model": None}
+        raise CLIError(f"{d['source']} does not record the model it was selected on (written by an older "
+                       f"refusal-fast?); rerun `{PROG} select`, or pass --allow-other-weights to use it anyway")
+    try:
+        return check_identity(d["model_identity"], model, what=f"the direction in {d['source']} was selected on",
+                              allow_other_weights=allow)
+    except ValueError as exc:
+        raise CLIError(f"{exc} (--model {args.model})") from None
 
 
 # ================================================================================ subcommands
 
 
-def cmd_extract(args, session: _Session) -> dict:
+def cmd_extract(args, session: Session) -> dict:
     from .extract import extract_means
 
     out = _out(args)
@@ -212,7 +295,7 @@ def cmd_extract(args, session: _Session) -> dict:
     return {"model": model, "means": means}
 
 
-def cmd_select(args, session: _Session) -> dict:
+def cmd_select(args, session: Session) -> dict:
     from .extract import Means
     from .select import NoDirectionError, select_direction
 
@@ -223,9 +306,9 @@ def cmd_select(args, session: _Session) -> dict:
         raise CLIError(f"means file not found: {means_path} "
                        f"(run `{PROG} extract --out {args.out}` first, or pass --means)")
     try:
-        means = Means.load(means_path, model=model)
+        means = Means.load(means_path, model=model, allow_other_weights=args.allow_other_weights)
     except ValueError as exc:
-        raise CLIError(f"{means_path}: {exc}") from None
+        raise CLIError(f"{means_path}: {exc} (--model {args.model})") from None
     if not {"harmful", "harmless"} <= set(means.groups):
         raise CLIError(f"{means_path} has groups {means.groups}; select needs 'harmful' and 'harmless'")
     hv = load_dataset(args.harmful_val, args.n_val, args.seed, "--harmful-val")
@@ -239,7 +322,7 @@ def cmd_select(args, session: _Session) -> dict:
             prune_last_frac=args.prune_last_frac, kl_threshold=args.kl_threshold,
             induce_threshold=args.induce_threshold, batch_size=args.batch_size,
             candidates_per_pass=args.candidates_per_pass, skip_pruned=args.skip_pruned,
-            system_prompt=args.system_prompt, progress=_progress(args))
+            system_prompt=args.system_prompt, progress=_progress(args), allow_other_weights=args.allow_other_weights)
     except NoDirectionError as exc:
         exc.result.to_json(out / "selection.json")
         exc.result.heatmap(out / "selection_heatmap.png")
@@ -256,12 +339,13 @@ def _write_selection(args, out: Path, result) -> None:
     result.heatmap(out / "selection_heatmap.png", title=f"Direction selection: {args.model}")
     save_direction(out / "direction.safetensors", result.raw,
                    {"layer": result.layer, "position": result.position, "kind": "difference-in-means (raw)",
-                    "model": args.model})
+                    "model": args.model, "model_identity": result.params.get("model_identity"),
+                    "allow_other_weights": bool(result.params.get("allow_other_weights"))})
     _say(args, f"selected layer {result.layer}, position {result.position}: {result!r}")
     _say(args, f"wrote {out / 'selection.json'}, {out / 'selection_heatmap.png'}, {out / 'direction.safetensors'}")
 
 
-def _select_relaxing_kl(args, session: _Session) -> float | None:
+def _select_relaxing_kl(args, session: Session) -> float | None:
     """Re-pick the direction from the scores ``select`` just wrote, relaxing the KL filter step by step
     (:meth:`SelectionResult.refilter_relaxing_kl`: 0.2, 0.5, 1, then off; nothing re-scored).
     Returns the threshold used (None = filter off)."""
@@ -271,7 +355,7 @@ def _select_relaxing_kl(args, session: _Session) -> float | None:
     out = _out(args)
     model, _ = session.model(args)
     scored = SelectionResult.from_json(out / "selection.json")
-    means = Means.load(out / "means.safetensors", model=model)
+    means = Means.load(out / "means.safetensors", model=model, allow_other_weights=args.allow_other_weights)
     try:
         result = scored.refilter_relaxing_kl(means)
     except NoDirectionError as exc:
@@ -287,7 +371,7 @@ def _eval_classifiers(primary: str):
     return [sub, pre] if primary == "substring" else [pre, sub]
 
 
-def cmd_eval(args, session: _Session) -> dict:
+def cmd_eval(args, session: Session) -> dict:
     import torch
 
     from .analysis import random_like
@@ -301,6 +385,7 @@ def cmd_eval(args, session: _Session) -> dict:
         raise CLIError(f"direction not found: {dpath} "
                        f"(run `{PROG} select --out {args.out}` first, or pass --direction)")
     d = _load_any_direction(dpath)
+    transfer = _check_direction_model(args, d, model)
     from .models import get_adapter
 
     ad = get_adapter(model)
@@ -375,7 +460,9 @@ def cmd_eval(args, session: _Session) -> dict:
         "format": "refusal_fast.eval", "version": 1, "model": args.model,
         "direction": {"source": d["source"], "layer": d["layer"], "position": d["position"],
                       "norm": float(d["raw"].norm()), "actadd_layer": act_layer,
-                      "actadd_alpha": args.actadd_alpha},
+                      "actadd_alpha": args.actadd_alpha, "model_identity": d.get("model_identity"),
+                      "allow_other_weights": transfer is not None},
+        "model_identity": model_identity(model),
         "classifier": results[conds[0]][_CONDITION_SPLITS[conds[0]][0]]["classifier"],
         "max_new_tokens": args.max_new_tokens, "seed": args.seed,
         "datasets": {s: {"source": getattr(args, s), "n": len(rows)} for s, rows in splits.items()},
@@ -400,9 +487,9 @@ def _harmless_mean(args, model, d: dict):
     if not mpath.is_file():
         raise CLIError(f"ablate_affine needs the harmless mean: {mpath} not found (pass --means)")
     try:
-        means = Means.load(mpath, model=model)
+        means = Means.load(mpath, model=model, allow_other_weights=args.allow_other_weights)
     except ValueError as exc:
-        raise CLIError(f"{mpath}: {exc}") from None
+        raise CLIError(f"{mpath}: {exc} (--model {args.model})") from None
     if "harmless" not in means.groups:
         raise CLIError(f"{mpath} has no 'harmless' group")
     pos = d["position"] if d["position"] in means.positions else means.positions[-1]
@@ -433,13 +520,13 @@ def _auto_from_selection(args) -> dict:
     if not p.is_file():
         return {}
     try:
-        sel = read_json(p)
-    except CLIError:
+        sel = read_json(p, "selection result")
+    except ArtifactError:
         return {}
     return {"layer": sel.get("layer"), "position": sel.get("position")} if isinstance(sel, dict) else {}
 
 
-def cmd_categories(args, session: _Session) -> dict:
+def cmd_categories(args, session: Session) -> dict:
     from .analysis import (
         EvalConfig,
         category_directions,
@@ -499,6 +586,7 @@ def cmd_categories(args, session: _Session) -> dict:
                      system_prompt=args.system_prompt, progress=_progress(args))
     result: dict[str, Any] = {"format": "refusal_fast.categories", "version": 1, "model": args.model,
                               "data": args.data, "holdout": args.holdout, "seed": args.seed,
+                              "model_identity": cd.model,
                               "directions": cd.to_dict(), "cosine": cos.to_dict(), "pca": pca.to_dict(),
                               "cross_ablation": None, "subspace_ablation": None}
     xab = sub = None
@@ -535,7 +623,7 @@ def _best_steer(sweep) -> tuple[int, float]:
     return int(sweep.layers[i]), float(sweep.alphas[j])
 
 
-def cmd_persona(args, session: _Session) -> dict:
+def cmd_persona(args, session: Session) -> dict:
     from .analysis import (
         EvalConfig,
         load_persona_prompts,
@@ -578,12 +666,14 @@ def cmd_persona(args, session: _Session) -> dict:
     if steer_layer >= n_layers - 1:
         steer_layer = max(1, n_layers - 2)
     result: dict[str, Any] = {"format": "refusal_fast.persona", "version": 1, "model": args.model,
+                              "model_identity": pd.model,
                               "steer_layer": steer_layer, "alpha": alpha, "direction": pd.to_dict(),
                               "sweep": sweep.to_dict(), "readd": None, "knockout": None}
     readd = None
     dpath = _default_path(args.direction, args, "selection.json")
     if dpath.is_file():
         d = _load_any_direction(dpath)
+        _check_direction_model(args, d, model)
         _say(args, f"late refusal re-add while steering at layer {steer_layer}, alpha {alpha}")
         readd = refusal_readd(model, tok, pd, d["raw"], harmful, steer_layer, alpha, norm_match=args.norm_match,
                               alpha_unit=args.alpha_unit, n_random=args.n_random, seed=args.seed, cfg=cfg)
@@ -605,7 +695,7 @@ def cmd_persona(args, session: _Session) -> dict:
     return {"model": model, "persona": result}
 
 
-def cmd_export(args, session: _Session) -> dict:
+def cmd_export(args, session: Session) -> dict:
     from .weight_edit import orthogonalize
 
     out = _out(args)
@@ -615,16 +705,21 @@ def cmd_export(args, session: _Session) -> dict:
         raise CLIError(f"direction not found: {dpath} "
                        f"(run `{PROG} select --out {args.out}` first, or pass --direction)")
     d = _load_any_direction(dpath)
+    transfer = _check_direction_model(args, d, model)
     target = Path(args.export_dir) if args.export_dir else out / "orthogonalized"
     _say(args, f"orthogonalizing the weights against {dpath} and saving to {target}")
+    source = model_identity(model)
     rec = orthogonalize(model, d["direction"])
     try:
-        target.mkdir(parents=True, exist_ok=True)
+        check_writable(target, "export directory")
         model.save_pretrained(str(target))
         tok.save_pretrained(str(target))
         write_json(target / "refusal_fast_export.json", {
             "source_model": args.model, "direction": d["source"], "layer": d["layer"], "position": d["position"],
-            "edited": list(rec.edited), "untied": bool(rec.untied), "library_version": _version(),
+            "edited": list(rec.edited), "untied": bool(rec.untied), "library_version": version(),
+            "source_model_identity": source,
+            "exported_weights_fingerprint": model_identity(model)["weights_fingerprint"],
+            "direction_model_identity": d.get("model_identity"), "allow_other_weights": transfer is not None,
         })
     finally:
         rec.undo()  # the in-memory model is left as it was
@@ -632,7 +727,7 @@ def cmd_export(args, session: _Session) -> dict:
     return {"model": model, "export_dir": target}
 
 
-def cmd_report(args, session: _Session) -> dict:
+def cmd_report(args, session: Session) -> dict:
     from .report import write_report
 
     out = Path(args.out)
@@ -643,16 +738,18 @@ def cmd_report(args, session: _Session) -> dict:
     return {"report": path}
 
 
-def cmd_demo(args, session: _Session) -> dict:
-    """extract -> select -> eval -> categories (-> persona) -> report, sharing one loaded model."""
-    from .cli import _dispatch  # each step is parsed exactly like the corresponding subcommand
+def cmd_demo(args, session: Session) -> dict:
+    """extract -> select -> eval -> categories (-> persona) -> report, sharing one loaded model.
 
+    Each step is parsed exactly like the corresponding subcommand (:meth:`Session.run_argv`)."""
     q = 1 if args.quick else 0
     size = {k: (getattr(args, k) if getattr(args, k) is not None else v[q]) for k, v in DEMO_SIZES.items()}
     common = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--out", args.out,
               "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     if args.trust_remote_code:
         common.append("--trust-remote-code")
+    if args.allow_other_weights:
+        common.append("--allow-other-weights")
     if args.no_progress:
         common.append("--no-progress")
     if args.system_prompt is not None:
@@ -681,7 +778,7 @@ def cmd_demo(args, session: _Session) -> dict:
     for i, step in enumerate(steps, 1):
         _say(args, f"demo step {i}/{len(steps)}: {step[0]}")
         try:
-            _dispatch(step + common, session)
+            session.run_argv(step + common)
         except CLIError:
             if step[0] != "select" or args.kl_threshold is None:
                 raise
@@ -693,8 +790,8 @@ def cmd_demo(args, session: _Session) -> dict:
             print(f"[refusal-fast] WARNING: picked with {'the KL filter off' if thr is None else f'KL <= {thr}'}: "
                   "the chosen direction changes harmless outputs more than the standard procedure allows "
                   "(see the report)", flush=True)
-    path = _dispatch(["report", "--out", args.out], session, quiet=True)["report"]
-    ev = read_json(Path(args.out) / "eval.json")  # the summary printed below is read back from the same file
+    path = session.run_argv(["report", "--out", args.out], quiet=True)["report"]
+    ev = read_json(Path(args.out) / "eval.json", "eval.json")  # the summary below is read back from the same file
     from .report import eval_summary_rows, format_summary_table
 
     print()

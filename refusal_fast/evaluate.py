@@ -13,7 +13,6 @@ Only last-position logits are computed (``logits_to_keep=1``): ``[batch, vocab]`
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -60,58 +59,40 @@ def check_instructions(instructions: Any, what: str = "instructions") -> list[st
     return out
 
 
-def _check_batch_size(batch_size: Any) -> int:
+def check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` if it is a positive int, else ValueError."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return batch_size
 
 
 def tokenize_prompts(tokenizer, instructions: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
-    """Chat-formatted token ids of each instruction (no padding), as :func:`chat.encode_prompts` would."""
-    chat.ensure_pad_token(tokenizer)
+    """Chat-formatted token ids of each instruction (no padding), as :func:`chat.encode_prompts` would.
+
+    The tokenizer is not changed (padding uses :func:`chat.pad_token_id` / :func:`chat.collate`).
+    """
     texts = [chat.format_prompt(tokenizer, t, system_prompt) for t in instructions]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def collate(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Left-pad token id lists into ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[batch, seq]``.
-
-    ``position_ids = cumsum(mask) - 1`` clamped at 0, as :func:`chat.encode_prompts`.
-    """
-    if not rows:
-        raise ValueError("collate: no rows")
-    T = max(len(r) for r in rows)
-    if T == 0:
-        raise ValueError("collate: all prompts are empty")
-    ids = torch.full((len(rows), T), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if len(r):
-            ids[b, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
-            mask[b, T - len(r):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
-
-
-def _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, desc
+def _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, desc, new_tokens: int = 0
              ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(indices, batch)`` over length buckets of the formatted prompts (longest first)."""
     ids = tokenize_prompts(tokenizer, instructions, system_prompt)
-    pad = tokenizer.pad_token_id
+    chat.check_prompt_lengths(model, [len(r) for r in ids], instructions, new_tokens=new_tokens)
+    pad = chat.pad_token_id(tokenizer)
     device = get_adapter(model).device
-    bar = _progress(len(ids), desc, progress)
+    bar = progress_bar(len(ids), desc, progress)
     try:
         for idx in chat.length_buckets([len(r) for r in ids], batch_size):
-            yield idx, collate([ids[i] for i in idx], pad, device)
+            yield idx, chat.collate([ids[i] for i in idx], pad, device)
             bar.update(len(idx))
     finally:
         bar.close()
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` items (disabled unless ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
@@ -152,7 +133,8 @@ def last_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logits
 
 
-def _refusal_mask(refusal_ids: Any, vocab: int, device) -> torch.Tensor:
+def refusal_mask(refusal_ids: Any, vocab: int, device) -> torch.Tensor:
+    """``[vocab]`` bool mask of the refusal token ids (validated: 1-D, integers in range, not every token)."""
     ids = torch.as_tensor(list(refusal_ids) if not isinstance(refusal_ids, torch.Tensor) else refusal_ids)
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"refusal_ids must be a non-empty 1-D list of token ids, got shape {tuple(ids.shape)}")
@@ -191,7 +173,7 @@ def refusal_scores(model, tokenizer, instructions: Sequence[str], refusal_ids: S
         ``[n]`` float64 CPU tensor, in the order of ``instructions``.
     """
     instructions = check_instructions(instructions)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if refusal_ids is None:
         refusal_ids = chat.refusal_token_ids(tokenizer)
     out = torch.empty(len(instructions), dtype=torch.float64)
@@ -201,7 +183,7 @@ def refusal_scores(model, tokenizer, instructions: Sequence[str], refusal_ids: S
                                    "refusal score"):
             logits = last_logits(model, batch)
             if mask is None:
-                mask = _refusal_mask(refusal_ids, logits.shape[-1], logits.device)
+                mask = refusal_mask(refusal_ids, logits.shape[-1], logits.device)
             out[idx] = refusal_score_from_logits(logits, mask).cpu()
     return out
 
@@ -222,7 +204,7 @@ def last_token_logprobs(model, tokenizer, instructions: Sequence[str], batch_siz
             uses it; pass ``"cpu"`` for many prompts and a large vocabulary).
     """
     instructions = check_instructions(instructions)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     device = torch.device(device) if device is not None else get_adapter(model).device
@@ -269,7 +251,7 @@ def kl_divergence(model, tokenizer, instructions: Sequence[str], reference: torc
         0-d tensor (``reduction="mean"``).
     """
     instructions = check_instructions(instructions)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
     if reference is None and intervention is None:
@@ -316,7 +298,7 @@ def generate_completions(model, tokenizer, instructions: Sequence[str], max_new_
     Extra ``generate_kwargs`` go to ``model.generate`` (e.g. ``repetition_penalty``).
     """
     instructions = check_instructions(instructions)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if "do_sample" in generate_kwargs and generate_kwargs["do_sample"]:
@@ -325,7 +307,8 @@ def generate_completions(model, tokenizer, instructions: Sequence[str], max_new_
     out: list[str | None] = [None] * len(instructions)
     gen_cfg = _greedy_config(model, tokenizer, max_new_tokens)
     with torch.inference_mode():
-        for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "generate"):
+        for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "generate",
+                                   new_tokens=max_new_tokens):
             batch.pop("position_ids")  # generate derives them from the attention mask at every step
             seq = model.generate(**batch, generation_config=gen_cfg, **generate_kwargs)
             new = seq[:, batch["input_ids"].shape[1]:]
@@ -350,7 +333,7 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
         if hasattr(cfg, k):
             setattr(cfg, k, None)
     if cfg.pad_token_id is None:
-        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.pad_token_id = chat.pad_token_id(tokenizer)
     if cfg.eos_token_id is None and tokenizer.eos_token_id is not None:
         cfg.eos_token_id = tokenizer.eos_token_id
     return cfg
@@ -460,24 +443,11 @@ def evaluate_prompts(model, tokenizer, instructions: Sequence[str], categories: 
     }
 
 
-def _json_default(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # numpy arrays / scalars
-        return obj.tolist()
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON (tensors / numpy arrays as lists), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write ``obj`` as strict JSON (NaN -> null, tensors / arrays as lists), atomically, creating parent folders.
+
+    Kept for existing callers; it is :func:`refusal_fast.artifacts.write_json` with the arguments swapped.
+    """
+    from .artifacts import write_json
+
+    return write_json(path, obj, indent=2)

@@ -18,18 +18,25 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import chat
-from .means import Means, library_version, prompt_set_hash
-from .models import block_input, get_adapter
+from .artifacts import ArtifactError, check_writable, library_version
+from .fingerprint import check_identity, model_identity
+from .means import Means, prompt_set_hash
+from .models import ModelAdapter, block_input, get_adapter
 
 __all__ = ["extract_means", "Means"]
 
 DEFAULT_CHECKPOINT_EVERY = 50  # batches
+
+#: Test seam: when set, called with the number of finished batches after each batch (and after
+#: any checkpoint written for it). Not part of the API.
+_after_batch: Callable[[int], None] | None = None
 
 
 class _StopForward(Exception):
@@ -180,7 +187,7 @@ class _State:
         for li in range(self.L):
             self.totals[li] = sums[li].reshape(self.G * self.P, self.d).contiguous()
         for si, layer in enumerate(sm_layers):
-            self.second[si] = means._second[layer].clone()
+            self.second[si] = means.second_moment_sums(layer)
         self.counts = [means.count(g) for g in means.groups]
 
     def nbytes(self) -> int:
@@ -263,6 +270,136 @@ def _capture(adapter, layers: list[int], state: _State, current: dict, determini
             h.remove()
 
 
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class _Plan:
+    """Everything :func:`extract_means` decided before the first forward pass."""
+
+    adapter: ModelAdapter
+    names: list[str]
+    prompt_lists: list[list[str]]
+    flat: list[str]                # all prompts, group after group
+    row_group: list[int]           # group index of each prompt in ``flat``
+    lengths: list[int]             # formatted token count of each prompt in ``flat``
+    layers: list[int]
+    positions: list[int]
+    sm_layers: list[int]
+    batch_size: int
+    system_prompt: str | None
+    deterministic: bool
+    rank: int
+    world: int
+    batches: list[list[int]]       # this rank's batches (indices into ``flat``)
+    meta: dict[str, Any]
+    run_fingerprint: str           # hash of every argument that changes the result
+    checkpoint: Path | None
+    checkpoint_every: int
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def new_state(self) -> _State:
+        slots = {self.layers.index(l): i for i, l in enumerate(self.sm_layers)}
+        return _State(len(self.layers), len(self.names), len(self.positions), self.adapter.d_model, slots)
+
+    def means(self, sums: torch.Tensor, counts: list[int], second: dict, extra: dict | None = None) -> Means:
+        meta = dict(self.meta, **(extra or {}))
+        return Means(sums, counts, self.names, self.layers, self.positions, meta, second)
+
+
+def _check_arguments(model, tokenizer, groups, positions, layers, batch_size, system_prompt, second_moment_layers,
+                     checkpoint, checkpoint_every) -> dict[str, Any]:
+    """Validate the arguments (cheap checks first; the checkpoint directory is probed before any compute)."""
+    names, prompt_lists = _check_groups(groups)
+    batch_size = _check_int(batch_size, "batch_size")
+    every = DEFAULT_CHECKPOINT_EVERY if checkpoint_every is None else _check_int(checkpoint_every, "checkpoint_every")
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser()
+        if ckpt.is_dir():
+            raise ArtifactError(f"checkpoint must be a file path, but {ckpt} is a directory "
+                                f"(e.g. pass {ckpt / 'means.ckpt.safetensors'})")
+        check_writable(ckpt.parent, "checkpoint directory")
+    adapter = get_adapter(model)
+    layer_list = adapter.check_layers(layers, "layers")
+    sm_layers: list[int] = []
+    if second_moment_layers is not None:
+        sm_layers = adapter.check_layers(second_moment_layers, "second_moment_layers")
+        extra = sorted(set(sm_layers) - set(layer_list))
+        if extra:
+            raise ValueError(f"second_moment_layers {extra} are not among the extracted layers {layer_list}")
+    eoi = chat.eoi_tokens(tokenizer, system_prompt)
+    pos_list = _check_positions(positions, list(range(-len(eoi), 0)))
+    return dict(adapter=adapter, names=names, prompt_lists=prompt_lists, batch_size=batch_size, every=every,
+                checkpoint=ckpt, layers=layer_list, sm_layers=sm_layers, eoi=eoi, positions=pos_list)
+
+
+def _check_prompts_fit(model, flat: list[str], row_group: list[int], names: list[str], lengths: list[int],
+                       positions: list[int], n_eoi: int) -> None:
+    """Every position must lie inside the shortest prompt; no prompt may exceed the model's positions."""
+    chat.check_prompt_lengths(model, lengths, flat)
+    shortest = min(lengths)
+    if -positions[0] > shortest:
+        i = lengths.index(shortest)
+        raise ValueError(
+            f"position {positions[0]} lies before the start of the shortest prompt ({shortest} tokens: "
+            f"group {names[row_group[i]]!r}, prompt {flat[i][:60]!r}); positions must be within "
+            f"[-{shortest}, -1] (end-of-instruction positions are {list(range(-n_eoi, 0))})"
+        )
+
+
+def _metadata(adapter: ModelAdapter, tokenizer, eoi: list[int], system_prompt: str | None, names: list[str],
+              prompt_lists: list[list[str]], deterministic: bool) -> dict[str, Any]:
+    """Provenance stored with the means (the model's identity includes its weights fingerprint)."""
+    return {
+        "library_version": library_version(),
+        "model": model_identity(adapter.model),
+        "template": {
+            "sha256": chat.template_fingerprint(tokenizer, system_prompt),
+            "eoi_tokens": [int(t) for t in eoi],
+            "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        },
+        "system_prompt": system_prompt,
+        "prompt_sets": {n: prompt_set_hash(ps) for n, ps in zip(names, prompt_lists)},
+        "prompt_set_hash": "sum of sha256(prompt) mod 2^256 (order-independent, additive under merge)",
+        "accumulate_dtype": "float32 partials per batch, float64 totals",
+        "deterministic": bool(deterministic),
+    }
+
+
+def _plan(model, tokenizer, groups, positions, layers, batch_size, system_prompt, deterministic,
+          second_moment_layers, checkpoint, checkpoint_every, distributed) -> _Plan:
+    """Validate, tokenize, bucket and describe the extraction (no forward pass yet)."""
+    a = _check_arguments(model, tokenizer, groups, positions, layers, batch_size, system_prompt, second_moment_layers,
+                         checkpoint, checkpoint_every)
+    names, prompt_lists, adapter = a["names"], a["prompt_lists"], a["adapter"]
+    flat = [p for ps in prompt_lists for p in ps]
+    row_group = [g for g, ps in enumerate(prompt_lists) for _ in ps]
+    lengths = chat.prompt_lengths(tokenizer, flat, system_prompt)
+    _check_prompts_fit(model, flat, row_group, names, lengths, a["positions"], len(a["eoi"]))
+    if adapter.model.training:
+        warnings.warn("model is in training mode (dropout active); call model.eval() for reproducible means",
+                      stacklevel=3)
+    rank, world = _dist_info(distributed)
+    meta = _metadata(adapter, tokenizer, a["eoi"], system_prompt, names, prompt_lists, deterministic)
+    run_fingerprint = hashlib.sha256(json.dumps({
+        "prompts": {n: _ordered_hash(ps) for n, ps in zip(names, prompt_lists)}, "names": names,
+        "positions": a["positions"], "layers": a["layers"], "second_moment_layers": a["sm_layers"],
+        "batch_size": a["batch_size"], "system_prompt": system_prompt, "model": meta["model"]["config_hash"],
+        "weights": meta["model"]["weights_fingerprint"], "template": meta["template"]["sha256"],
+        "deterministic": bool(deterministic), "world": world,
+    }, sort_keys=True).encode()).hexdigest()
+    if world > 1:
+        _check_same_args(run_fingerprint)
+    ckpt = _rank_path(a["checkpoint"], rank, world) if a["checkpoint"] is not None else None
+    return _Plan(adapter=adapter, names=names, prompt_lists=prompt_lists, flat=flat, row_group=row_group,
+                 lengths=lengths, layers=a["layers"], positions=a["positions"], sm_layers=a["sm_layers"],
+                 batch_size=a["batch_size"], system_prompt=system_prompt, deterministic=bool(deterministic),
+                 rank=rank, world=world, batches=chat.length_buckets(lengths, a["batch_size"])[rank::world],
+                 meta=meta, run_fingerprint=run_fingerprint, checkpoint=ckpt, checkpoint_every=a["every"])
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def _rank_path(path: Path, rank: int, world: int) -> Path:
     if world == 1:
@@ -270,26 +407,35 @@ def _rank_path(path: Path, rank: int, world: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix}")
 
 
-def _save_checkpoint(path: Path, state: _State, names, layers, positions, sm_layers, meta, ckpt_info) -> None:
-    m = dict(meta)
-    m["checkpoint"] = dict(ckpt_info, batches_done=state.batches_done)
-    Means(state.sums(), state.counts, names, layers, positions, m, state.second_moments(sm_layers)).save(
-        path, sidecar=False
-    )
+def _save_checkpoint(plan: _Plan, state: _State) -> None:
+    info = {"fingerprint": plan.run_fingerprint, "rank": plan.rank, "world": plan.world,
+            "n_batches": len(plan.batches), "batches_done": state.batches_done}
+    assert plan.checkpoint is not None
+    plan.means(state.sums(), state.counts, state.second_moments(plan.sm_layers), {"checkpoint": info}).save(
+        plan.checkpoint, sidecar=False)
 
 
-def _load_checkpoint(path: Path, fingerprint: str, n_batches: int) -> tuple[Means, int]:
-    means = Means.load(path)
-    info = means.metadata.get("checkpoint") or {}
-    if info.get("fingerprint") != fingerprint:
+def _resume(plan: _Plan, state: _State) -> int:
+    """Load ``plan.checkpoint`` into ``state`` if it exists; returns the number of batches it holds."""
+    path = plan.checkpoint
+    if path is None or not path.exists():
+        return 0
+    saved = Means.load(path, allow_partial=True)
+    check_identity(saved.metadata.get("model"), plan.meta["model"],
+                   what=f"checkpoint {path} was written by an extraction from",
+                   hint="delete it or pass another checkpoint path")
+    info = saved.metadata.get("checkpoint") or {}
+    if info.get("fingerprint") != plan.run_fingerprint:
         raise ValueError(
             f"checkpoint {path} was written by an extraction with different arguments (prompts, layers, "
             "positions, batch size, model, template or world size); delete it or pass another checkpoint path"
         )
     done = int(info.get("batches_done", -1))
-    if not 0 <= done <= n_batches:
-        raise ValueError(f"checkpoint {path} is corrupt: batches_done={done} of {n_batches}")
-    return means, done
+    if not 0 <= done <= len(plan.batches):
+        raise ArtifactError(f"checkpoint {path} is corrupt: batches_done={done} of {len(plan.batches)}; delete it")
+    state.load(saved, plan.sm_layers)
+    state.batches_done = done
+    return done
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -326,6 +472,89 @@ def _check_same_args(fingerprint: str) -> None:
         raise ValueError("torch.distributed ranks called extract_means with different prompts or arguments")
 
 
+# ---------------------------------------------------------------------------- the batch loop
+def _forward(plan: _Plan, tokenizer, current: dict, idx: list[int]) -> int:
+    """One forward pass over prompts ``idx``, stopped after the last needed block; returns its padded width."""
+    adapter = plan.adapter
+    enc = chat.encode_prompts(tokenizer, [plan.flat[i] for i in idx], plan.system_prompt, device=adapter.device)
+    current["batch"] = _Batch([plan.row_group[i] for i in idx], len(plan.positions), plan.positions)
+    try:
+        adapter.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                           position_ids=enc["position_ids"], use_cache=False)
+    except _StopForward:
+        return int(enc["input_ids"].shape[1])
+    raise RuntimeError(
+        f"the forward pass finished without reaching block {plan.layers[-1]}; "
+        "the extraction hooks did not fire (is the model wrapped or compiled?)"
+    )
+
+
+def _run_batches(plan: _Plan, state: _State, tokenizer, progress: bool) -> dict[str, float]:
+    """Accumulate every remaining batch into ``state``, checkpointing as asked; returns token counts and time."""
+    done_prompts = sum(len(b) for b in plan.batches[:state.batches_done])
+    last_saved = state.batches_done
+    tokens = padded = 0
+    current: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.n_prompts, initial=done_prompts, unit="prompt", desc="extract_means",
+                   disable=plan.rank != 0)
+    folding = False
+    try:
+        with torch.inference_mode(), _capture(plan.adapter, plan.layers, state, current, plan.deterministic):
+            for bi in range(state.batches_done, len(plan.batches)):
+                idx = plan.batches[bi]
+                state.zero_partials()
+                width = _forward(plan, tokenizer, current, idx)
+                folding = True  # a half-folded state must never be checkpointed
+                state.fold()
+                for i in idx:
+                    state.counts[plan.row_group[i]] += 1
+                state.batches_done = bi + 1
+                folding = False
+                tokens += int(sum(plan.lengths[i] for i in idx))
+                padded += len(idx) * width
+                if bar is not None:
+                    bar.update(len(idx))
+                if plan.checkpoint is not None and state.batches_done - last_saved >= plan.checkpoint_every:
+                    _save_checkpoint(plan, state)
+                    last_saved = state.batches_done
+                if _after_batch is not None:
+                    _after_batch(state.batches_done)
+    except BaseException:
+        if plan.checkpoint is not None and not folding and state.batches_done > last_saved:
+            _save_checkpoint(plan, state)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if plan.checkpoint is not None and state.batches_done > last_saved:
+        _save_checkpoint(plan, state)
+    return {"tokens": tokens, "padded": padded, "seconds": time.perf_counter() - t0, "done_prompts": done_prompts}
+
+
+def _result(plan: _Plan, state: _State, run: dict[str, float], resumed: int) -> Means:
+    """The finished :class:`Means` (all-reduced over ranks) with its run statistics."""
+    state_bytes = state.nbytes()
+    if plan.world > 1:
+        sums, counts, second = _all_reduce(state, plan.sm_layers)
+    else:
+        sums, counts, second = state.sums(), list(state.counts), state.second_moments(plan.sm_layers)
+    means = plan.means(sums, counts, second)
+    seconds, tokens, padded = run["seconds"], int(run["tokens"]), int(run["padded"])
+    n_run = plan.n_prompts - int(run["done_prompts"])
+    means.stats = {
+        "n_batches": len(plan.batches), "resumed_batches": resumed, "n_prompts": plan.n_prompts, "rank": plan.rank,
+        "world": plan.world, "seconds": seconds, "prompts_per_s": n_run / seconds if seconds > 0 else math.inf,
+        "tokens": tokens, "padded_tokens": padded, "padding_fraction": 1 - tokens / padded if padded else 0.0,
+        "accumulator_nbytes": state_bytes,
+    }
+    return means
+
+
 # ---------------------------------------------------------------------------- main entry
 def extract_means(
     model,
@@ -341,13 +570,12 @@ def extract_means(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     distributed: bool | None = None,
-    _on_batch: Callable[[int], None] | None = None,
 ) -> Means:
     """Mean residual-stream activation per prompt group, per layer and end-of-instruction position.
 
     Args:
         model: a transformers causal LM supported by :func:`refusal_fast.models.get_adapter`.
-        tokenizer: its tokenizer, with a chat template.
+        tokenizer: its tokenizer, with a chat template (not changed: padding is done here).
         groups: ``{name: [instruction, ...]}``; any number of non-empty groups.
         positions: negative token offsets from the end of the formatted prompt; default the
             end-of-instruction positions :func:`refusal_fast.chat.eoi_positions`.
@@ -361,158 +589,24 @@ def extract_means(
             ``sum x xᵀ`` ``[n_groups, n_positions, d_model, d_model]`` (see :meth:`Means.covariance`).
         checkpoint: path of a resumable partial state; written every ``checkpoint_every``
             batches (default 50), on interruption and at the end. Rerunning with the same
-            arguments resumes from it and gives the same result as one uninterrupted run.
+            arguments resumes from it and gives the same result as one uninterrupted run; a
+            checkpoint of another model (weights fingerprint) or other arguments is refused.
+            Its directory is created and probed for writing before any compute.
             Under ``torch.distributed`` each rank writes ``<stem>.rank<r>-of-<w><suffix>``.
         distributed: shard prompts over ``torch.distributed`` ranks and all-reduce the sums;
             default: if a process group is initialised.
 
     Returns:
-        :class:`Means` with ``mean(group)`` ``[n_layers, n_positions, d_model]`` float64.
+        :class:`Means` with ``mean(group)`` ``[n_layers, n_positions, d_model]`` float64; its
+        metadata records the model's identity (config hash and weights fingerprint).
 
     Raises:
-        TypeError / ValueError: bad groups, prompts, positions, layers or arguments.
+        TypeError / ValueError: bad groups, prompts, positions, layers or arguments, a prompt longer
+            than a learned position table, a meta-device model, an unwritable checkpoint directory.
     """
-    names, prompt_lists = _check_groups(groups)
-    batch_size = _check_int(batch_size, "batch_size")
-    if checkpoint_every is not None:
-        checkpoint_every = _check_int(checkpoint_every, "checkpoint_every")
-    adapter = get_adapter(model)
-    layer_list = adapter.check_layers(layers, "layers")
-    sm_layers: list[int] = []
-    if second_moment_layers is not None:
-        sm_layers = adapter.check_layers(second_moment_layers, "second_moment_layers")
-        extra = sorted(set(sm_layers) - set(layer_list))
-        if extra:
-            raise ValueError(f"second_moment_layers {extra} are not among the extracted layers {layer_list}")
-    eoi = chat.eoi_tokens(tokenizer, system_prompt)
-    pos_list = _check_positions(positions, list(range(-len(eoi), 0)))
-
-    flat = [p for ps in prompt_lists for p in ps]
-    row_group = [g for g, ps in enumerate(prompt_lists) for _ in ps]
-    lengths = chat.prompt_lengths(tokenizer, flat, system_prompt)
-    shortest = min(lengths)
-    if -pos_list[0] > shortest:
-        i = lengths.index(shortest)
-        raise ValueError(
-            f"position {pos_list[0]} lies before the start of the shortest prompt ({shortest} tokens: "
-            f"group {names[row_group[i]]!r}, prompt {flat[i][:60]!r}); positions must be within "
-            f"[-{shortest}, -1] (end-of-instruction positions are {list(range(-len(eoi), 0))})"
-        )
-    if adapter.model.training:
-        warnings.warn("model is in training mode (dropout active); call model.eval() for reproducible means",
-                      stacklevel=2)
-
-    rank, world = _dist_info(distributed)
-    all_batches = chat.length_buckets(lengths, batch_size)
-    my_batches = all_batches[rank::world]
-
-    P, G = len(pos_list), len(names)
-    meta: dict[str, Any] = {
-        "library_version": library_version(),
-        "model": {
-            "name_or_path": adapter.name_or_path, "arch": adapter.arch, "config_hash": adapter.config_hash,
-            "n_layers": adapter.n_layers, "d_model": adapter.d_model, "dtype": str(adapter.dtype).replace("torch.", ""),
-        },
-        "template": {
-            "sha256": chat.template_fingerprint(tokenizer, system_prompt),
-            "eoi_tokens": [int(t) for t in eoi],
-            "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
-        },
-        "system_prompt": system_prompt,
-        "prompt_sets": {n: prompt_set_hash(ps) for n, ps in zip(names, prompt_lists)},
-        "prompt_set_hash": "sum of sha256(prompt) mod 2^256 (order-independent, additive under merge)",
-        "accumulate_dtype": "float32 partials per batch, float64 totals",
-        "deterministic": bool(deterministic),
-    }
-    fingerprint = hashlib.sha256(json.dumps({
-        "prompts": {n: _ordered_hash(ps) for n, ps in zip(names, prompt_lists)}, "names": names,
-        "positions": pos_list, "layers": layer_list, "second_moment_layers": sm_layers,
-        "batch_size": batch_size, "system_prompt": system_prompt, "model": meta["model"]["config_hash"],
-        "template": meta["template"]["sha256"], "deterministic": bool(deterministic), "world": world,
-    }, sort_keys=True).encode()).hexdigest()
-    if world > 1:
-        _check_same_args(fingerprint)
-
-    state = _State(len(layer_list), G, P, adapter.d_model, {layer_list.index(l): i for i, l in enumerate(sm_layers)})
-    ckpt_path = _rank_path(Path(checkpoint), rank, world) if checkpoint is not None else None
-    ckpt_info = {"fingerprint": fingerprint, "rank": rank, "world": world, "n_batches": len(my_batches)}
-    every = checkpoint_every or DEFAULT_CHECKPOINT_EVERY
-    resumed = 0
-    if ckpt_path is not None and ckpt_path.exists():
-        saved, resumed = _load_checkpoint(ckpt_path, fingerprint, len(my_batches))
-        state.load(saved, sm_layers)
-        state.batches_done = resumed
-    last_saved = state.batches_done
-
-    n_my = sum(len(b) for b in my_batches)
-    done_prompts = sum(len(b) for b in my_batches[:state.batches_done])
-    tokens = padded = 0
-    device = adapter.device
-    current: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_my, initial=done_prompts, unit="prompt", desc="extract_means", disable=rank != 0)
-    folding = False
-    try:
-        with torch.inference_mode(), _capture(adapter, layer_list, state, current, deterministic):
-            for bi in range(state.batches_done, len(my_batches)):
-                idx = my_batches[bi]
-                enc = chat.encode_prompts(tokenizer, [flat[i] for i in idx], system_prompt, device=device)
-                current["batch"] = _Batch([row_group[i] for i in idx], P, pos_list)
-                state.zero_partials()
-                try:
-                    adapter.base_model(
-                        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                        position_ids=enc["position_ids"], use_cache=False,
-                    )
-                except _StopForward:
-                    pass
-                else:
-                    raise RuntimeError(
-                        f"the forward pass finished without reaching block {layer_list[-1]}; "
-                        "the extraction hooks did not fire (is the model wrapped or compiled?)"
-                    )
-                folding = True
-                state.fold()
-                for i in idx:
-                    state.counts[row_group[i]] += 1
-                state.batches_done = bi + 1
-                folding = False
-                tokens += int(sum(lengths[i] for i in idx))
-                padded += len(idx) * int(enc["input_ids"].shape[1])
-                if bar is not None:
-                    bar.update(len(idx))
-                if ckpt_path is not None and state.batches_done - last_saved >= every:
-                    _save_checkpoint(ckpt_path, state, names, layer_list, pos_list, sm_layers, meta, ckpt_info)
-                    last_saved = state.batches_done
-                if _on_batch is not None:
-                    _on_batch(state.batches_done)
-    except BaseException:
-        if ckpt_path is not None and not folding and state.batches_done > last_saved:
-            _save_checkpoint(ckpt_path, state, names, layer_list, pos_list, sm_layers, meta, ckpt_info)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if ckpt_path is not None and state.batches_done > last_saved:
-        _save_checkpoint(ckpt_path, state, names, layer_list, pos_list, sm_layers, meta, ckpt_info)
-    seconds = time.perf_counter() - t0
-    state_bytes = state.nbytes()
-
-    if world > 1:
-        sums, counts, second = _all_reduce(state, sm_layers)
-    else:
-        sums, counts, second = state.sums(), list(state.counts), state.second_moments(sm_layers)
-    means = Means(sums, counts, names, layer_list, pos_list, meta, second)
-    n_run = n_my - done_prompts
-    means.stats = {
-        "n_batches": len(my_batches), "resumed_batches": resumed, "n_prompts": n_my, "rank": rank, "world": world,
-        "seconds": seconds, "prompts_per_s": n_run / seconds if seconds > 0 else math.inf,
-        "tokens": tokens, "padded_tokens": padded,
-        "padding_fraction": 1 - tokens / padded if padded else 0.0,
-        "accumulator_nbytes": state_bytes,
-    }
-    return means
+    plan = _plan(model, tokenizer, groups, positions, layers, batch_size, system_prompt, deterministic,
+                 second_moment_layers, checkpoint, checkpoint_every, distributed)
+    state = plan.new_state()
+    resumed = _resume(plan, state)
+    run = _run_batches(plan, state, tokenizer, progress)
+    return _result(plan, state, run, resumed)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, overload
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .basis import as_float64_matrix, check_width, orthonormalize, raw_vector, unit_vector
+from .basis import as_float64_matrix, check_castable, check_width, orthonormalize, raw_vector, unit_vector
 from .models import ModelAdapter, block_input, get_adapter, module_output_tensor
 from .types import BasesLike, BasisLike, IndexLike, LayersLike, MeanLike, VectorLike
 from .weight_edit import OrthogonalizationRecord, orthogonalize
@@ -191,9 +192,22 @@ def _layer_means(mean: MeanLike, layers: list[int], d_model: int) -> dict[int, t
 
 
 def _check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    """A finite real ``alpha``: Python / NumPy numbers and 0-d (one-element) real tensors are accepted."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1 or alpha.dim() > 1 or alpha.is_complex() or alpha.dtype == torch.bool:
+            raise ValueError(f"alpha must be a finite number or a 0-d real tensor, got a {alpha.dtype} tensor "
+                             f"of shape {tuple(alpha.shape)}")
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     return float(alpha)
+
+
+def _check_rank(q: torch.Tensor, what: str = "basis") -> None:
+    """The kernels project at most ``ops.MAX_K`` directions; the same limit holds with autograd."""
+    if q.shape[0] > ops.MAX_K:
+        raise ValueError(f"{what} has rank k={q.shape[0]}, above the maximum {ops.MAX_K} an intervention supports; "
+                         f"use at most {ops.MAX_K} directions (orthogonalize() has no such limit)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +248,11 @@ def ablate(model: nn.Module, basis: BasisLike, layers: LayersLike = None, mean: 
     ad = get_adapter(model)
     q64 = orthonormalize(basis, normalize)
     check_width(q64, ad.d_model)
+    _check_rank(q64)
     sel = ad.check_layers(layers)
     means = _layer_means(mean, sel, ad.d_model)
+    for layer, m in (means or {}).items():
+        check_castable(q64.T @ (q64 @ m), ad.dtype, f"mean[{layer}]'s component along the basis")
     if fused:
         if means is not None:
             raise ValueError("ablate(fused=True) does not support mean= (affine ablation); use fused=False")
@@ -282,6 +299,8 @@ def steer(model: nn.Module, vector: VectorLike, layers: LayersLike, alpha: float
     v64 = unit_vector(vector, ad.d_model)
     sel = ad.check_layers(layers)
     alpha = _check_alpha(alpha)
+    if not norm_match:
+        check_castable(alpha * v64, ad.dtype, f"steer: alpha * unit vector (alpha={alpha:g})")
 
     def fn_for(v: torch.Tensor, copy: bool):
         if not norm_match:
@@ -314,6 +333,7 @@ def add(model: nn.Module, vector: VectorLike, layers: LayersLike, alpha: float =
     v64 = raw_vector(vector, ad.d_model)
     sel = ad.check_layers(layers)
     alpha = _check_alpha(alpha)
+    check_castable(alpha * v64, ad.dtype, f"add: alpha * vector (alpha={alpha:g})")
 
     def register(handles: list) -> None:
         for i in sel:
@@ -469,6 +489,7 @@ class RowInterventions:
             if batch is not None and aidx.shape[0] != batch:
                 raise ValueError(f"add_index has {aidx.shape[0]} rows but ablate_index has {batch}")
             batch = aidx.shape[0]
+            check_castable(alpha * vecs, ad.dtype, "alpha * add_vectors")
             on = (aidx >= 0) & (alay >= 0)
             for layer in torch.unique(alay[on]).tolist():
                 rows = torch.nonzero(on & (alay == layer)).flatten()
@@ -575,6 +596,7 @@ def _row_bases(bases: Any, d_model: int, normalize: bool) -> torch.Tensor:
     for j in range(t.shape[0]):
         check_width(t[j], d_model, f"ablate_bases[{j}]")
         out.append(orthonormalize(t[j], normalize))
+        _check_rank(out[-1], f"ablate_bases[{j}]")
     return torch.stack(out)
 
 

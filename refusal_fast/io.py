@@ -1,4 +1,4 @@
-"""Loading helpers for the command line: models, datasets, directions and JSON artifacts.
+"""Loading helpers for the command line: models, datasets and directions.
 
 Everything here is offline: local model directories are read with ``local_files_only=True``
 and remote code is refused unless the caller opts in.
@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .artifacts import load_tensors, save_tensors
+
 __all__ = [
-    "CLIError", "DEMO_MODELS", "parse_dtype", "resolve_device", "load_model", "load_dataset",
-    "save_direction", "load_direction", "write_json", "read_json",
+    "CLIError", "DEMO_MODELS", "DIRECTION_KIND", "parse_dtype", "resolve_device", "load_model", "load_dataset",
+    "save_direction", "load_direction",
 ]
+
+DIRECTION_KIND = "refusal_fast.direction"
 
 DEMO_MODELS = ("demo", "demo-base")
 
@@ -154,68 +157,20 @@ def load_dataset(spec: str, n: int | None = None, seed: int | None = 0, what: st
 
 
 def save_direction(path: str | os.PathLike, direction: torch.Tensor, metadata: dict | None = None) -> Path:
-    """Save a direction ``[d_model]`` (or basis ``[k, d_model]``) as safetensors, metadata as JSON header."""
-    from safetensors.torch import save_file
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    """Save a direction ``[d_model]`` (or basis ``[k, d_model]``) float64 as a checksummed safetensors file,
+    ``metadata`` (layer, position, the model's identity) in its header; written atomically."""
     t = direction.detach().to("cpu", torch.float64).contiguous()
-    save_file({"direction": t}, str(p), metadata={"refusal_fast": json.dumps(metadata or {}, default=str)})
-    return p
+    return save_tensors(path, {"direction": t}, metadata or {}, kind=DIRECTION_KIND, version=1, sidecar=False)
 
 
 def load_direction(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
-    """``(direction [d_model] or [k, d_model] float64, metadata)`` from :func:`save_direction`'s file."""
-    from safetensors import safe_open
+    """``(direction [d_model] or [k, d_model] float64, metadata)`` from :func:`save_direction`'s file, verified.
 
+    Raises:
+        CLIError: no such file. ArtifactError (a ValueError): corrupt, truncated or not a direction file.
+    """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise CLIError(f"direction file not found: {p} (run `refusal-fast select` first, or pass --direction)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            if "direction" not in f.keys():
-                raise CLIError(f"{p} has no 'direction' tensor")
-            t = f.get_tensor("direction").to(torch.float64)
-            meta = json.loads((f.metadata() or {}).get("refusal_fast", "{}"))
-    except CLIError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
-        raise CLIError(f"could not read direction file {p}: {exc}") from None
-    return t, meta
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (tensors/numpy converted to lists); returns the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(_jsonable(obj), indent=1) + "\n", encoding="utf-8")
-    return p
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON artifact; CLIError naming the file if it is missing or malformed."""
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"file not found: {p}")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"{p} is not valid JSON: {exc}") from None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if hasattr(obj, "tolist") and type(obj).__module__.startswith("numpy"):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None  # NaN / inf -> null (strict JSON)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
-    return obj
+    tensors, meta = load_tensors(p, kind=DIRECTION_KIND, max_version=1, what="direction")
+    return tensors["direction"].to(torch.float64), meta

@@ -5,9 +5,10 @@ float64 plus integer ``counts`` ``[n_groups]`` (and optionally second-moment sum
 ``[n_groups, n_positions, d_model, d_model]`` per chosen layer). Means are derived on demand,
 so merging two partial extractions is exact bookkeeping: sums add, counts add.
 
-Artifacts are safetensors files whose header metadata holds one JSON document under the key
-``"refusal_fast"`` (model config hash, template, system prompt, positions, layers, counts,
-prompt-set hashes, library version); a human-readable ``.json`` copy is written beside it.
+Artifacts are safetensors files written by :func:`refusal_fast.artifacts.save_tensors`: the header
+holds the metadata (the model's identity with its weights fingerprint, template, system prompt,
+positions, layers, counts, prompt-set hashes, library version) and a sha256 of every tensor,
+verified on load; a human-readable ``.json`` copy is written beside it.
 """
 from __future__ import annotations
 
@@ -20,25 +21,19 @@ from typing import Any
 
 import torch
 
+from .artifacts import ArtifactError, library_version, load_tensors, save_tensors
+from .fingerprint import check_identity
+
 __all__ = ["Means", "UnknownKeyError", "prompt_set_hash", "library_version"]
 
 FORMAT = "refusal_fast.means"
-FORMAT_VERSION = 1
-_META_KEY = "refusal_fast"
+#: 2: tensors checksummed in the header (refusal_fast.artifacts); 1 (no checksums) is no longer read.
+FORMAT_VERSION = 2
 _MOD = 1 << 256
 
-# Metadata fields two states must agree on to be merged (dotted paths into the metadata).
-_COMPAT_FIELDS = (
-    "model.config_hash", "model.d_model", "model.n_layers", "template.sha256",
-    "system_prompt", "positions", "layers", "second_moment_layers",
-)
-
-
-def library_version() -> str:
-    """refusal-fast version: ``refusal_fast.__version__``, the one source the package metadata reads."""
-    from . import __version__
-
-    return __version__
+# Metadata fields two states must agree on to be merged (dotted paths into the metadata); the
+# model itself is compared by refusal_fast.fingerprint.check_identity.
+_COMPAT_FIELDS = ("template.sha256", "system_prompt", "positions", "layers", "second_moment_layers")
 
 
 def prompt_set_hash(prompts: Iterable[str]) -> str:
@@ -240,23 +235,29 @@ class Means:
             "d_model": self.d_model,
         }
 
-    def _check_compatible(self, other: Means) -> None:
+    def _check_compatible(self, other: Means, allow_other_weights: bool) -> dict | None:
         if self.d_model != other.d_model:
             raise ValueError(f"cannot merge: d_model {self.d_model} vs {other.d_model}")
+        transfer = check_identity(self.metadata.get("model"), other.metadata.get("model") or {},
+                                  what="cannot merge Means: the first was extracted from",
+                                  allow_other_weights=allow_other_weights)
         for field in _COMPAT_FIELDS:
             a, b = _get(self.metadata, field), _get(other.metadata, field)
             if a != b:
                 raise ValueError(f"cannot merge Means with different {field}: {a!r} vs {b!r}")
+        return transfer
 
-    def merge(self, other: Means) -> Means:
+    def merge(self, other: Means, allow_other_weights: bool = False) -> Means:
         """Exact union of two extractions of the same model/template/layers/positions.
 
         Groups present in both are combined (sums and counts add); groups present in one are
-        copied. Returns a new :class:`Means`; neither input is modified.
+        copied. Returns a new :class:`Means`; neither input is modified. Means of two models with
+        the same architecture and size but other weights (weights fingerprint or config hash) are
+        refused unless ``allow_other_weights=True`` (then recorded as ``metadata["merged_other_model"]``).
         """
         if not isinstance(other, Means):
             raise TypeError(f"can only merge with another Means, got {type(other).__name__}")
-        self._check_compatible(other)
+        transfer = self._check_compatible(other, allow_other_weights)
         groups = self.groups + [g for g in other.groups if g not in self._groups]
         L, P, d = len(self._layers), len(self._positions), self.d_model
         sums = torch.zeros(L, len(groups), P, d, dtype=torch.float64)
@@ -279,6 +280,8 @@ class Means:
         meta = dict(self.metadata)
         meta["prompt_sets"] = hashes
         meta["deterministic"] = bool(self.metadata.get("deterministic")) and bool(other.metadata.get("deterministic"))
+        if transfer is not None:
+            meta["merged_other_model"] = transfer["target_model"]
         return Means(sums, counts, groups, self._layers, self._positions, meta, second)
 
     # ------------------------------------------------------------------ persistence
@@ -289,70 +292,109 @@ class Means:
             out[f"second_moment.{layer}"] = t
         return out
 
+    def second_moment_sums(self, layer: int) -> torch.Tensor:
+        """Raw float64 sums of ``x xᵀ`` at ``layer``: ``[n_groups, n_positions, d_model, d_model]`` (a copy)."""
+        if layer not in self._second:
+            raise UnknownKeyError(f"no second moments for layer {layer}; extracted for {self.second_moment_layers}")
+        return self._second[layer].clone()
+
     def save(self, path: str | os.PathLike, sidecar: bool = True) -> Path:
-        """Write a safetensors file (metadata JSON in its header) and, if ``sidecar``, a ``.json`` copy.
+        """Write a safetensors file (metadata and tensor checksums in its header) and, if ``sidecar``, a ``.json`` copy.
 
-        The file is written to a temporary name and renamed, so a crash never leaves half a file.
+        Written atomically by :func:`refusal_fast.artifacts.save_tensors`: a crash or a concurrent
+        writer never leaves half a file, and a sidecar on disk always matches its tensor file.
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = json.dumps(self.metadata, sort_keys=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.state_dict(), str(tmp), metadata={_META_KEY: meta})
-        os.replace(tmp, path)
-        if sidecar:
-            side = path.with_suffix(".json") if path.suffix else path.with_name(path.name + ".json")
-            side.write_text(json.dumps(self.metadata, indent=2, sort_keys=True) + "\n")
-        return path
+        return save_tensors(path, self.state_dict(), self.metadata, kind=FORMAT, version=FORMAT_VERSION,
+                            sidecar=sidecar)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None) -> Means:
-        """Load a file written by :meth:`save`.
+    def load(cls, path: str | os.PathLike, model=None, *, allow_other_weights: bool = False,
+             allow_partial: bool = False) -> Means:
+        """Load and verify a file written by :meth:`save`.
 
-        If ``model`` is given, its config hash, depth and width must match the metadata
-        (a clear ``ValueError`` otherwise), so means are never applied to the wrong model.
+        Every tensor's sha256 is checked, the sums must be finite, the layers within the recorded
+        model's depth and the counts equal to the metadata's (else :class:`~refusal_fast.artifacts.ArtifactError`,
+        a ``ValueError``, naming the file).
+
+        Args:
+            model: if given, it must be the model the means were extracted from (see :meth:`check_model`).
+            allow_other_weights: accept a model of the same architecture and size with other weights
+                (a deliberate transfer; recorded as ``metadata["transfer"]``).
+            allow_partial: accept an unfinished extraction checkpoint (``extract_means(checkpoint=...)``);
+                by default a partial checkpoint is refused, so it is never taken for a finished result.
         """
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no such means file: {path}")
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-        if _META_KEY not in header:
-            raise ValueError(f"{path} is not a refusal-fast means file (no '{_META_KEY}' header metadata)")
-        meta = json.loads(header[_META_KEY])
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: unexpected format {meta.get('format')!r}, expected {FORMAT!r}")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {meta.get('format_version')} is newer than this library's "
-                             f"{FORMAT_VERSION}; upgrade refusal-fast")
+        tensors, meta = load_tensors(path, kind=FORMAT, max_version=FORMAT_VERSION, what="means")
         for key in ("sums", "counts"):
             if key not in tensors:
-                raise ValueError(f"{path}: missing tensor '{key}'")
+                raise ArtifactError(f"{path}: missing tensor '{key}'")
+        for key in ("groups", "layers", "positions"):
+            if not isinstance(meta.get(key), list):
+                raise ArtifactError(f"{path}: metadata has no '{key}' list; the file is not a valid means file")
+        _check_finite(path, tensors)
+        _check_layers(path, meta)
+        if not allow_partial:
+            _check_finished(path, meta)
         second = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("second_moment.")}
-        out = cls(tensors["sums"], tensors["counts"], meta["groups"], meta["layers"], meta["positions"], meta, second)
+        try:
+            out = cls(tensors["sums"], tensors["counts"], meta["groups"], meta["layers"], meta["positions"], meta,
+                      second)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: {exc}") from None
         if out.metadata["counts"] != meta.get("counts"):
-            raise ValueError(f"{path}: counts tensor {out.metadata['counts']} "
-                             f"disagrees with metadata {meta.get('counts')}")
+            raise ArtifactError(f"{path}: counts tensor {out.metadata['counts']} "
+                                f"disagrees with metadata {meta.get('counts')}")
         if model is not None:
-            out.check_model(model)
+            out.check_model(model, allow_other_weights=allow_other_weights)
         return out
 
-    def check_model(self, model) -> None:
-        """Raise ``ValueError`` unless ``model`` is the model these means were extracted from."""
+    def check_model(self, model, allow_other_weights: bool = False) -> dict | None:
+        """Raise ``ValueError`` unless ``model`` is the model these means were extracted from.
+
+        Architecture, depth and width must match; so must the configuration hash and the weights
+        fingerprint (:func:`refusal_fast.fingerprint.weights_fingerprint`) unless
+        ``allow_other_weights=True``, which records the transfer as ``metadata["transfer"]`` and
+        returns it.
+        """
         from .models import get_adapter
 
-        adapter = get_adapter(model)
-        want = self.metadata.get("model", {})
-        have = {"config_hash": adapter.config_hash, "n_layers": adapter.n_layers, "d_model": adapter.d_model}
-        for key, value in have.items():
-            if key in want and want[key] != value:
-                raise ValueError(
-                    f"these means were extracted from model {want.get('name_or_path', '?')!r} "
-                    f"({key}={want[key]!r}), but the given model {adapter.name_or_path!r} has {key}={value!r}"
-                )
+        transfer = check_identity(self.metadata.get("model"), model, what="these means were extracted from",
+                                  allow_other_weights=allow_other_weights)
+        ad = get_adapter(model)
+        if self.d_model != ad.d_model:
+            raise ValueError(f"these means have width {self.d_model} but the given model's d_model is {ad.d_model}")
+        beyond = [layer for layer in self._layers if layer >= ad.n_layers]
+        if beyond:
+            raise ValueError(f"these means have layers {beyond} beyond the given model's depth ({ad.n_layers} layers)")
+        if transfer is not None:
+            self.metadata["transfer"] = transfer
+        return transfer
+
+
+def _check_finite(path, tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{path}: tensor {name!r} contains NaN or inf (the extraction overflowed, e.g. a "
+                                "float16 model; extract again in bfloat16 or float32)")
+
+
+def _check_layers(path, meta: Mapping[str, Any]) -> None:
+    depth = (meta.get("model") or {}).get("n_layers")
+    layers = meta.get("layers") or []
+    bad = [x for x in layers if not isinstance(x, int) or x < 0 or (isinstance(depth, int) and x >= depth)]
+    if bad:
+        raise ArtifactError(f"{path}: layers {bad} lie outside the recorded model's depth ({depth} layers); "
+                            "the file is corrupt or was edited")
+
+
+def _check_finished(path, meta: Mapping[str, Any]) -> None:
+    info = meta.get("checkpoint")
+    if not isinstance(info, Mapping):
+        return
+    done, total, world = info.get("batches_done"), info.get("n_batches"), int(info.get("world", 1) or 1)
+    if done != total or world > 1:
+        shard = f", rank {info.get('rank')} of {world}" if world > 1 else ""
+        raise ArtifactError(
+            f"{path} is an extraction checkpoint ({done} of {total} batches{shard}), not a finished result; "
+            f"resume it by calling extract_means(..., checkpoint={str(path)!r}) with the same arguments, or pass "
+            "allow_partial=True to load the partial sums"
+        )

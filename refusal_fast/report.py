@@ -14,11 +14,12 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .artifacts import ArtifactError, read_json, write_text
 
 __all__ = [
     "write_report", "eval_summary_rows", "format_summary_table", "SUMMARY_COLUMNS",
@@ -75,8 +76,8 @@ def _read(path: Path) -> tuple[Any | None, str]:
     if not path.is_file():
         return None, "not run"
     try:
-        return json.loads(path.read_text(encoding="utf-8")), ""
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return read_json(path), ""
+    except ArtifactError as exc:
         return None, f"unreadable ({exc})"
 
 
@@ -420,6 +421,4 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, title: str
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
     target = Path(path) if path is not None else out / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(doc, encoding="utf-8")
-    return target
+    return write_text(target, doc)

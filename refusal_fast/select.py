@@ -21,8 +21,8 @@ candidates into each forward pass through :func:`refusal_fast.interventions.row_
 """
 from __future__ import annotations
 
-import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,18 +32,18 @@ from typing import Any
 import torch
 
 from . import chat
+from .artifacts import ArtifactError, read_json, tensor_sha256, write_figure, write_json
 from .evaluate import (
-    _check_batch_size,
-    _progress,
-    _refusal_mask,
+    check_batch_size,
     check_instructions,
-    collate,
     kl_from_logprobs,
     last_logits,
+    progress_bar,
+    refusal_mask,
     refusal_score_from_logits,
-    save_json,
     tokenize_prompts,
 )
+from .fingerprint import check_identity, model_identity
 from .interventions import ablate, add, row_interventions
 from .means import Means
 from .models import get_adapter
@@ -97,7 +97,10 @@ class SelectionResult:
         layers, positions: the candidate grid axes; ``position_labels`` readable names of positions.
         n_layers: the model's layer count (for the pruning rule).
         baseline: mean refusal scores without intervention: ``{"harmful": .., "harmless": ..}``.
-        params: thresholds and run settings.
+        params: thresholds and run settings; ``params["model_identity"]`` is the model the scores were
+            measured on (:func:`refusal_fast.fingerprint.model_identity`), ``params["allow_other_weights"]``
+            whether the candidates came from another model deliberately (then ``params["means_model"]``
+            names it).
     """
 
     layer: int | None
@@ -139,40 +142,60 @@ class SelectionResult:
         return sorted(rows, key=lambda r: (math.isnan(r["bypass"]), r["bypass"]))[:k]
 
     def to_dict(self) -> dict:
-        """JSON-serialisable dict (NaN scores as null); direction and raw vector as lists."""
+        """JSON-serialisable dict (NaN scores as null); direction and raw vector as lists, with the
+        sha256 of each vector's float64 bytes under ``"checksums"`` (verified by :meth:`from_json`)."""
         def clean(x):
             return None if isinstance(x, float) and math.isnan(x) else x
 
+        def vec(v):
+            return None if v is None else v.detach().to("cpu", torch.float64)
+
+        direction, raw = vec(self.direction), vec(self.raw)
         return {
-            "format": "refusal_fast.selection", "version": 1,
+            "format": "refusal_fast.selection", "version": 2,
             "layer": self.layer, "position": self.position,
-            "direction": None if self.direction is None else self.direction.tolist(),
-            "raw": None if self.raw is None else self.raw.tolist(),
+            "direction": None if direction is None else direction.tolist(),
+            "raw": None if raw is None else raw.tolist(),
+            "checksums": {"direction": None if direction is None else tensor_sha256(direction),
+                          "raw": None if raw is None else tensor_sha256(raw)},
             "layers": self.layers, "positions": self.positions, "position_labels": self.position_labels,
             "n_layers": self.n_layers, "baseline": self.baseline, "params": self.params,
             "table": [{k: clean(v) for k, v in r.items()} for r in self.table],
         }
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path``."""
-        return save_json(self.to_dict(), path)
+        """Write :meth:`to_dict` as JSON to ``path`` (atomically)."""
+        return write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> SelectionResult:
-        """Read a result written by :meth:`to_json`."""
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-        if d.get("format") != "refusal_fast.selection":
-            raise ValueError(f"{path} is not a refusal_fast selection result")
+        """Read a result written by :meth:`to_json`; the direction vectors are verified against their checksums.
+
+        Raises:
+            FileNotFoundError / ArtifactError: missing, not JSON, not a selection result, or corrupt.
+        """
+        d = read_json(path, "selection result")
+        if not isinstance(d, dict) or d.get("format") != "refusal_fast.selection":
+            raise ArtifactError(f"{path} is not a refusal_fast selection result")
+        if int(d.get("version", 0)) < 2 or not isinstance(d.get("checksums"), dict):
+            raise ArtifactError(f"{path} has no checksums (written by an older refusal-fast); re-run the selection "
+                                "with this version")
 
         def num(x):
             return math.nan if x is None else float(x)
 
         table = [{**r, **{m: num(r[m]) for m in METRICS}} for r in d["table"]]
 
-        def vec(v):
-            return None if v is None else torch.tensor(v, dtype=torch.float64)
+        def vec(key):
+            v = d.get(key)
+            t = None if v is None else torch.tensor(v, dtype=torch.float64)
+            digest = None if t is None else tensor_sha256(t)
+            if digest != d["checksums"].get(key):
+                raise ArtifactError(f"{path}: the {key!r} vector fails its sha256 checksum; the file is corrupt, "
+                                    "re-run the selection (or restore the file)")
+            return t
 
-        return cls(d["layer"], d["position"], vec(d["direction"]), vec(d["raw"]), table, d["layers"],
+        return cls(d["layer"], d["position"], vec("direction"), vec("raw"), table, d["layers"],
                    d["positions"], d["n_layers"], d["baseline"], d["params"], d.get("position_labels") or [])
 
     def refilter(self, candidates: Means | torch.Tensor, *, kl_threshold: Any = _UNSET, induce_threshold: Any = _UNSET,
@@ -348,7 +371,9 @@ class _Scorer:
             "harmful": tokenize_prompts(tokenizer, harmful, system_prompt),
             "harmless": tokenize_prompts(tokenizer, harmless, system_prompt),
         }
-        self.pad = tokenizer.pad_token_id
+        for which, texts in (("harmful", harmful), ("harmless", harmless)):
+            chat.check_prompt_lengths(model, [len(r) for r in self.ids[which]], texts, f"{which}_val prompt")
+        self.pad = chat.pad_token_id(tokenizer)
         self.device = get_adapter(model).device
         self.batch_size = batch_size
         self.refusal_ids = refusal_ids
@@ -356,9 +381,9 @@ class _Scorer:
         self.ref = None  # [n_harmless, vocab] float64 log-probs of the unmodified model
 
     def logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        logits = last_logits(self.model, collate(rows, self.pad, self.device))
+        logits = last_logits(self.model, chat.collate(rows, self.pad, self.device))
         if self.mask is None:
-            self.mask = _refusal_mask(self.refusal_ids, logits.shape[-1], logits.device)
+            self.mask = refusal_mask(self.refusal_ids, logits.shape[-1], logits.device)
         return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
     def buckets(self, which: str) -> list[list[int]]:
@@ -398,7 +423,7 @@ class _Scorer:
 def _sequential(scorer: _Scorer, model, raw, unit, cand_layers, todo, progress) -> dict[int, list[float]]:
     """One candidate at a time with the ``ablate`` / ``add`` context managers."""
     out = {}
-    bar = _progress(len(todo), "select (sequential)", progress)
+    bar = progress_bar(len(todo), "select (sequential)", progress)
     try:
         for c in todo:
             with ablate(model, unit[c]):
@@ -420,7 +445,7 @@ def _batched(scorer: _Scorer, model, raw, unit, cand_layers, todo, rows_per_pass
     n = {"harmful": len(scorer.ids["harmful"]), "harmless": len(scorer.ids["harmless"])}
     groups = [todo[i:i + cands_per_pass] for i in range(0, len(todo), cands_per_pass)]
     n_rows = sum(len(g) * (n["harmful"] + 2 * n["harmless"]) for g in groups)
-    bar = _progress(n_rows, "select (batched)", progress)
+    bar = progress_bar(n_rows, "select (batched)", progress)
     ref_dev = scorer.ref.device
     try:
         with row_interventions(model) as ri:
@@ -469,7 +494,7 @@ def select_direction(model, tokenizer, candidates: Means | torch.Tensor, harmful
                      induce_threshold: float | None = 0.0, refusal_ids: Sequence[int] | None = None,
                      batch_size: int = 32, batched: bool = True, candidates_per_pass: int = 8,
                      skip_pruned: bool = False, system_prompt: str | None = None, progress: bool = True,
-                     raise_if_none: bool = True) -> SelectionResult:
+                     raise_if_none: bool = True, allow_other_weights: bool = False) -> SelectionResult:
     """Pick the refusal direction among difference-in-means candidates (Arditi et al. 2024).
 
     Args:
@@ -494,6 +519,10 @@ def select_direction(model, tokenizer, candidates: Means | torch.Tensor, harmful
         raise_if_none: if no candidate survives, raise :class:`NoDirectionError` (with the best
             rows in the message and the full result in ``.result``); False returns a result with
             ``layer=None`` (``result.found`` is False).
+        allow_other_weights: a Means is checked against ``model`` as :meth:`Means.load` does
+            (architecture, depth, width, configuration hash, weights fingerprint) and against
+            ``tokenizer``'s chat template; True accepts means from another checkpoint of the same
+            architecture and size (a deliberate transfer, recorded in ``params``).
 
     Returns:
         :class:`SelectionResult` (chosen layer/position, unit direction ``[d_model]`` float64,
@@ -501,11 +530,13 @@ def select_direction(model, tokenizer, candidates: Means | torch.Tensor, harmful
     """
     harmful_val = check_instructions(harmful_val, "harmful_val")
     harmless_val = check_instructions(harmless_val, "harmless_val")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if isinstance(candidates_per_pass, bool) or not isinstance(candidates_per_pass, int) or candidates_per_pass < 1:
         raise ValueError(f"candidates_per_pass must be a positive int, got {candidates_per_pass!r}")
     _check_filters(prune_last_frac, kl_threshold, induce_threshold)
     ad = get_adapter(model)
+    identity = model_identity(model)
+    transfer = _check_means_model(candidates, tokenizer, identity, allow_other_weights)
     raw, cand_layers, cand_pos, grid_layers, grid_pos = _candidates(
         candidates, layers, positions, tuple(groups), ad.n_layers, ad.d_model)
     if refusal_ids is None:
@@ -543,18 +574,41 @@ def select_direction(model, tokenizer, candidates: Means | torch.Tensor, harmful
         "layer_cutoff": cut, "refusal_ids": refusal_ids, "n_harmful": len(harmful_val), "n_harmless": len(harmless_val),
         "batched": bool(batched), "batch_size": batch_size, "candidates_per_pass": candidates_per_pass,
         "system_prompt": system_prompt, "model": ad.name_or_path, "config_hash": ad.config_hash,
+        "model_identity": identity, "allow_other_weights": transfer is not None,
     }
+    if transfer is not None:
+        params["means_model"] = transfer["source_model"]
     labels = _position_labels(tokenizer, grid_pos, system_prompt)
     return _choose(table, raw, norms, grid_layers, grid_pos, ad.n_layers, baseline, params, labels, raise_if_none)
 
 
+def _check_means_model(candidates: Any, tokenizer, identity: dict, allow_other_weights: bool) -> dict | None:
+    """For a Means: the checks of :meth:`Means.check_model` plus the chat template; returns the transfer record."""
+    meta = getattr(candidates, "metadata", None)
+    if isinstance(candidates, torch.Tensor) or not isinstance(meta, dict):
+        return None  # a raw candidate tensor carries no provenance
+    transfer = check_identity(meta.get("model"), identity, what="these means were extracted from",
+                              allow_other_weights=allow_other_weights)
+    want = (meta.get("template") or {}).get("sha256")
+    if want is not None:
+        have = chat.template_fingerprint(tokenizer, meta.get("system_prompt"))
+        if have != want:
+            raise ValueError(
+                f"these means were extracted with another chat template (template sha256 {want}, this tokenizer's "
+                f"is {have}), so their end-of-instruction positions are other tokens; extract the means with this "
+                "tokenizer"
+            )
+    return transfer
+
+
 def _check_filters(prune_last_frac, kl_threshold, induce_threshold) -> None:
     """Clear errors for bad selection filter values (each may be None to disable it)."""
+    for name, v in (("prune_last_frac", prune_last_frac), ("kl_threshold", kl_threshold),
+                    ("induce_threshold", induce_threshold)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v)):
+            raise ValueError(f"{name} must be a number or None, got {v!r}")
     if prune_last_frac is not None and not 0.0 <= float(prune_last_frac) <= 1.0:
         raise ValueError(f"prune_last_frac must be in [0, 1] or None, got {prune_last_frac!r}")
-    for name, v in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
-            raise ValueError(f"{name} must be a number or None, got {v!r}")
 
 
 def _choose(table, raw, norms, grid_layers, grid_pos, n_layers, baseline, params, labels,
@@ -677,7 +731,4 @@ def _draw_heatmap(result: SelectionResult, path: str | os.PathLike, title: str |
                  f"baseline harmful {result.baseline.get('harmful', float('nan')):.3g}, "
                  f"harmless {result.baseline.get('harmless', float('nan')):.3g})", fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return write_figure(fig, path)

@@ -9,6 +9,7 @@ transformers model: ``save_pretrained`` it and load it in any server.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["orthogonalize", "OrthogonalizationRecord"]
 
 _CHUNK_ELEMS = 1 << 24  # rows are projected in chunks of about this many elements
+
+# Per model, the records of orthogonalizations applied and not yet undone, oldest first (weak
+# references: a discarded record still counts, as its edit stays in the weights for good).
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -50,14 +55,37 @@ class OrthogonalizationRecord:
     _undone: bool = False
 
     def undo(self) -> None:
-        """Restore the original weights bitwise (and re-tie the LM head if it was untied)."""
+        """Restore the original weights bitwise (and re-tie the LM head if it was untied).
+
+        Several orthogonalizations of one model are undone last-applied first: undoing an earlier
+        one while a later one is still applied would silently revert the later edit too, so it is
+        refused (RuntimeError). So is an undo after one of the edited parameters was replaced by
+        another object (``load_state_dict(assign=True)``, assigning a new ``nn.Parameter``): the
+        originals could no longer be written back into the model.
+        """
         if self._undone:
             raise RuntimeError("this orthogonalization was already undone")
         missing = [n for n in self.edited if n not in self.originals]
         if missing:
             raise RuntimeError("cannot undo: orthogonalize(..., keep_originals=False) kept no originals")
+        later = _later_records(self)
+        if later:
+            raise RuntimeError(
+                f"cannot undo this orthogonalization out of order: {later} later orthogonalize() call(s) on the same "
+                "model are still applied (their records undo last-applied first); undo them first"
+            )
+        replaced = [n for n in self.edited if _current_param(self.model, n) is not self._params[n]]
+        if self.untied and get_adapter(self.model).lm_head.weight is not self._tie_state.get("lm_head"):
+            replaced.append("the untied LM head weight")
+        if replaced:
+            raise RuntimeError(
+                f"cannot undo: parameter(s) {replaced[:3]}{' ...' if len(replaced) > 3 else ''} were replaced by other "
+                "objects after orthogonalize() (load_state_dict(assign=True), a new nn.Parameter, ...), so the "
+                "originals cannot be written back into the model; they are in this record's .originals"
+            )
         _restore(self)
         self._undone = True
+        _forget(self)
 
 
 def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, untie: bool = True,
@@ -123,7 +151,29 @@ def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, un
         raise
     if not keep_originals:
         rec.originals.clear()
+    _APPLIED.setdefault(ad.model, []).append(weakref.ref(rec))
     return rec
+
+
+def _later_records(rec: OrthogonalizationRecord) -> int:
+    """How many orthogonalizations of ``rec.model`` applied after ``rec`` are not undone."""
+    stack = _APPLIED.get(rec.model, [])
+    for i, ref in enumerate(stack):
+        if ref() is rec:
+            return len(stack) - 1 - i
+    return 0
+
+
+def _forget(rec: OrthogonalizationRecord) -> None:
+    stack = _APPLIED.get(rec.model, [])
+    stack[:] = [ref for ref in stack if ref() is not rec]
+
+
+def _current_param(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def _targets(ad) -> list[tuple[nn.Parameter, str]]:
@@ -189,6 +239,7 @@ def _untie(ad, rec: OrthogonalizationRecord) -> None:
     w = ad.embed.weight
     rec.untied = True
     ad.lm_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    rec._tie_state["lm_head"] = ad.lm_head.weight
     model.config.tie_word_embeddings = False
     if hasattr(model, "all_tied_weights_keys"):
         model.all_tied_weights_keys = {

@@ -5,7 +5,6 @@ built only on :mod:`refusal_fast.evaluate`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from ..artifacts import dumps_json, read_json, to_jsonable, write_text
+
 __all__ = [
     "JSONResult", "EvalConfig", "derive_seed", "random_like", "random_basis", "measure",
     "degeneration_rate", "degeneration_stats", "as_prompt_dict",
@@ -22,26 +23,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# JSON
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, JSONResult):
-        return obj.to_dict()
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu().double().numpy() if obj.is_floating_point() else obj.detach().cpu().numpy()
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        x = float(obj)
-        return None if not math.isfinite(x) else x
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+# JSON (the conversion policy and the writing live in refusal_fast.artifacts)
 
 
 class JSONResult:
@@ -58,15 +40,14 @@ class JSONResult:
         for f in dataclasses.fields(self):
             if f.name in self._json_exclude:
                 continue
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = to_jsonable(getattr(self, f.name))
         return out
 
     def to_json(self, path: str | Path | None = None, indent: int = 1) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """Strict JSON text of :meth:`to_dict`; also written atomically to ``path`` if given."""
+        text = dumps_json(self.to_dict(), indent=indent)
         if path is not None:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text + "\n", encoding="utf-8")
+            write_text(path, text + "\n")
         return text
 
     @classmethod
@@ -82,7 +63,7 @@ class JSONResult:
 
     @classmethod
     def load_json(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(read_json(path, f"{cls.__name__} JSON"))
 
 
 def nan_array(*shape: int) -> np.ndarray:

@@ -27,7 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifacts import load_tensors, save_tensors
+from ..fingerprint import check_identity
 from ._common import EvalConfig, JSONResult, as_prompt_dict, derive_seed, measure, nan_array, random_like, zero_noise
+
+_KIND = "refusal_fast.category_directions"
 
 __all__ = [
     "CategoryDirections", "CosineResult", "PCAResult", "CrossAblationResult", "SubspaceAblationResult",
@@ -90,6 +94,8 @@ class CategoryDirections(JSONResult):
         layer_mode: ``"given"``, ``"default"`` (``layer=None``) or ``"select"``.
         counts: prompts per category (and ``"harmless"``) in the extraction.
         selection: per-category selection summaries when ``layer_mode == "select"``.
+        model: identity of the model the directions come from
+            (:func:`refusal_fast.fingerprint.model_identity`, with its weights fingerprint).
     """
 
     categories: list[str]
@@ -102,6 +108,7 @@ class CategoryDirections(JSONResult):
     layer_mode: str
     counts: dict[str, int]
     selection: dict | None = None
+    model: dict | None = None
 
     _json_exclude = ("directions", "global_direction")
 
@@ -138,30 +145,22 @@ class CategoryDirections(JSONResult):
         return d
 
     def save(self, path: str | Path) -> Path:
-        """Write the tensors to ``path`` (safetensors) and the rest as JSON in the header and beside it."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self.to_json()
-        save_file({"directions": self.directions.contiguous(), "global_direction": self.global_direction.contiguous()},
-                  str(path), metadata={"refusal_fast.category_directions": meta})
-        path.with_suffix(".json").write_text(meta + "\n", encoding="utf-8")
-        return path
+        """Write the tensors to ``path`` (safetensors, checksummed) and the rest as JSON in the header and beside it."""
+        tensors = {"directions": torch.as_tensor(self.directions),
+                   "global_direction": torch.as_tensor(self.global_direction)}
+        return save_tensors(path, tensors, self.to_dict(), kind=_KIND, version=1)
 
     @classmethod
-    def load(cls, path: str | Path) -> CategoryDirections:
-        """Read what :meth:`save` wrote."""
-        import json
-
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["refusal_fast.category_directions"])
-            dirs, glob = f.get_tensor("directions"), f.get_tensor("global_direction")
+    def load(cls, path: str | Path, model=None, allow_other_weights: bool = False) -> CategoryDirections:
+        """Read and verify what :meth:`save` wrote; with ``model``, check it is the model they came from
+        (see :func:`refusal_fast.fingerprint.check_identity`)."""
+        tensors, meta = load_tensors(path, kind=_KIND, max_version=1, what="category directions")
         obj = cls.from_dict(meta)
-        obj.directions, obj.global_direction = dirs, glob
+        obj.directions, obj.global_direction = tensors["directions"], tensors["global_direction"]
         obj.chosen_layer = {k: int(v) for k, v in obj.chosen_layer.items()}
+        if model is not None:
+            check_identity(obj.model, model, what="these category directions were computed from",
+                           allow_other_weights=allow_other_weights)
         return obj
 
 
@@ -275,7 +274,7 @@ def category_directions(model, tokenizer, category_prompts: Mapping[str, Sequenc
     counts["harmless"] = means.count(_HARMLESS)
     return CategoryDirections(categories=names, layers=layers, position=position, directions=dirs,
                               global_direction=glob, chosen_layer=chosen_layer, global_layer=int(global_layer),
-                              layer_mode=mode, counts=counts, selection=selection)
+                              layer_mode=mode, counts=counts, selection=selection, model=means.metadata.get("model"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifacts import load_tensors, read_json, save_tensors
+from ..fingerprint import check_identity
 from ._common import (  # noqa: F401  (re-exported)
     EvalConfig,
     JSONResult,
@@ -49,6 +50,7 @@ __all__ = [
 
 DEFAULT_PERSONA_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "persona_prompts.json"
 _ALPHA_UNITS = ("direction", "raw")
+_KIND = "refusal_fast.persona_direction"
 
 
 def load_persona_prompts(path: str | Path | None = None) -> tuple[list[str], list[str]]:
@@ -57,7 +59,7 @@ def load_persona_prompts(path: str | Path | None = None) -> tuple[list[str], lis
     path = Path(path) if path is not None else DEFAULT_PERSONA_PROMPTS
     if not path.is_file():
         raise FileNotFoundError(f"persona prompt file not found: {path}")
-    d = json.loads(path.read_text(encoding="utf-8"))
+    d = read_json(path, "persona prompt file")
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object with 'compliant' and 'refusing' lists")
     out = []
@@ -88,6 +90,8 @@ class PersonaDirection(JSONResult):
             points compliant-ward) and the direction: how consistently the prompts agree.
         compliant_prompts / refusing_prompts: the system prompts used.
         n_instructions: instructions per persona prompt.
+        model: identity of the model the direction comes from
+            (:func:`refusal_fast.fingerprint.model_identity`, with its weights fingerprint).
     """
 
     layers: list[int]
@@ -98,6 +102,7 @@ class PersonaDirection(JSONResult):
     compliant_prompts: list[str]
     refusing_prompts: list[str]
     n_instructions: int
+    model: dict | None = None
 
     _json_exclude = ("directions",)
 
@@ -120,26 +125,19 @@ class PersonaDirection(JSONResult):
         return [l for l, n in zip(self.layers, self.norms) if float(n) > 0]
 
     def save(self, path: str | Path) -> Path:
-        """Write ``directions`` to ``path`` (safetensors, JSON in the header and beside it)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self.to_json()
-        save_file({"directions": torch.as_tensor(self.directions).contiguous()}, str(path),
-                  metadata={"refusal_fast.persona_direction": meta})
-        path.with_suffix(".json").write_text(meta + "\n", encoding="utf-8")
-        return path
+        """Write ``directions`` to ``path`` (safetensors, checksummed; the rest as JSON in the header and beside it)."""
+        return save_tensors(path, {"directions": torch.as_tensor(self.directions)}, self.to_dict(), kind=_KIND,
+                            version=1)
 
     @classmethod
-    def load(cls, path: str | Path) -> PersonaDirection:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["refusal_fast.persona_direction"])
-            dirs = f.get_tensor("directions")
+    def load(cls, path: str | Path, model=None, allow_other_weights: bool = False) -> PersonaDirection:
+        """Read and verify what :meth:`save` wrote; with ``model``, check it is the model it came from."""
+        tensors, meta = load_tensors(path, kind=_KIND, max_version=1, what="persona direction")
         obj = cls.from_dict(meta)
-        obj.directions = dirs
+        obj.directions = tensors["directions"]
+        if model is not None:
+            check_identity(obj.model, model, what="this persona direction was computed from",
+                           allow_other_weights=allow_other_weights)
         return obj
 
 
@@ -169,10 +167,12 @@ def persona_direction(model, tokenizer, instructions: Sequence[str], compliant: 
         raise ValueError(f"position must be a negative int, got {position!r}")
     per_prompt = []
     layers: list[int] = []  # set by the loop below (compliant and refusing are non-empty)
+    identity: dict | None = None
     for sp in list(compliant) + list(refusing):
         m = extract_means(model, tokenizer, {"x": instructions}, positions=[position], batch_size=batch_size,
                           system_prompt=sp, progress=progress)
         layers = list(m.layers)
+        identity = m.metadata.get("model")
         per_prompt.append(m.mean("x")[:, 0])                           # [L, d]
     pp = torch.stack(per_prompt)                                       # [P, L, d]
     nc = len(compliant)
@@ -185,7 +185,7 @@ def persona_direction(model, tokenizer, instructions: Sequence[str], compliant: 
     return PersonaDirection(layers=layers, position=position, directions=dirs,
                             norms=torch.linalg.vector_norm(dirs, dim=-1).numpy(), prompt_agreement=agree.numpy(),
                             compliant_prompts=list(compliant), refusing_prompts=list(refusing),
-                            n_instructions=len(instructions))
+                            n_instructions=len(instructions), model=identity)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..artifacts import write_figure  # noqa: E402
+
 __all__ = [
     "plot_cosine", "plot_cosine_by_layer", "plot_pca", "plot_cross_ablation", "plot_subspace_ablation",
     "plot_persona_norms", "plot_steering_alpha", "plot_steering_layer", "plot_readd", "plot_knockout",
@@ -53,11 +55,9 @@ def _short(label: str, n: int = 18) -> str:
 
 
 def save_figure(fig, path: str | Path | None, close: bool = False):
-    """Save ``fig`` as PNG at ``path`` (parents created) if given; optionally close it. Returns ``fig``."""
+    """Save ``fig`` as PNG at ``path`` (atomically, parents created) if given; optionally close it. Returns ``fig``."""
     if path is not None:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(p, dpi=_DPI, bbox_inches="tight")
+        write_figure(fig, path, dpi=_DPI, bbox_inches="tight")
     if close:
         plt.close(fig)
     return fig
