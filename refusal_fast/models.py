@@ -416,7 +416,7 @@ class ModelAdapter:
                 f"{self.arch}: norms between sub-layers and the residual add ({', '.join(norms)}) re-create any "
                 "removed direction, so no weight edit removes it exactly"
             )
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        names = {id(p): n for n, p in self.model.named_parameters()}
         out: list[ResidualWeight] = []
 
         def add(param, dim, layer, module):
@@ -831,7 +831,7 @@ def _fit_embedding(probe: _Probe, embed: nn.Module, pos_mods: list[nn.Module], t
         issues.append("the input of block 0 is not a multiple of the token embedding plus position embeddings "
                       "(e.g. an embedding norm or projection sits between them), so editing the embedding cannot "
                       "remove a direction from it")
-    return float(c[0]) * ratio, used
+    return float(f"{float(c[0]) * ratio:.7g}"), used  # measured: 1, sqrt(d), a multiplier
 
 
 def _find_final_norm(model, base, blocks, head, probe: _Probe, arch: str) -> str:
