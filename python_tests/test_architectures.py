@@ -4,13 +4,15 @@ the automatic adapter, extraction against the float64 ``output_hidden_states`` r
 ``save_pretrained``, and bitwise restoration. Plus an architecture the table does not name, and
 structures the adapter cannot handle."""
 import copy
+import importlib.util
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from test_extract import assert_rel_close, naive_reference
-from tiny_models import ARCH_SPECS, SPECS, library_hooks, make_model, make_tokenizer
+from tiny_models import ARCH_SPECS, SPECS, TEMPLATE_SOURCES, library_hooks, make_model, make_tokenizer
 
 from refusal_fast import chat
 from refusal_fast import interventions as iv
@@ -26,6 +28,7 @@ from refusal_fast.models import (
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke about cats", "Write a poem about the sea and the sky at night."]
 TOL = 1e-5
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", params=[s.arch for s in ARCH_SPECS])
@@ -84,6 +87,21 @@ def _basis(d, k=2, seed=0):
 
 def test_supported_archs_are_the_tested_ones():
     assert SUPPORTED_ARCHS == tuple(s.arch for s in ARCH_SPECS)
+    assert all(s.template in TEMPLATE_SOURCES for s in ARCH_SPECS)
+    for s in ARCH_SPECS:
+        assert type(make_model(s.arch, n_layers=1).config).__name__ == s.config_class
+
+
+def test_architecture_table_is_generated_from_the_specs():
+    """docs/architectures.md's table is exactly what scripts/architectures_table.py renders from ARCH_SPECS."""
+    spec = importlib.util.spec_from_file_location("architectures_table", ROOT / "scripts" / "architectures_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.DOC.read_text(encoding="utf-8")
+    assert script.updated(text) == text, "run: python scripts/architectures_table.py"
+    table = script.render()
+    assert all(f"| `{s.arch}` |" in table for s in ARCH_SPECS)
+    assert script.main(["--check"]) == 0
 
 
 def test_adapter_matches_spec(arch):
