@@ -450,8 +450,9 @@ def evaluate_prompts(model, tokenizer, instructions: Sequence[str], categories: 
             "verdicts": {n: verdicts[n][i].to_dict() for n in names},
             "refusal_score": None if scores is None else scores[i],
         }
-        if split[i] is not None:
-            rec["reasoning"], rec["answer"] = split[i]
+        parts = split[i]
+        if parts is not None:
+            rec["reasoning"], rec["answer"] = parts
         records.append(rec)
 
     def summary(rows: list[int]) -> dict:

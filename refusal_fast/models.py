@@ -41,10 +41,13 @@ import json
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 __all__ = [
     "ModelAdapter", "UnsupportedModelError", "get_adapter", "SUPPORTED_ARCHS", "Writer", "ResidualWeight",
@@ -470,7 +473,7 @@ class ModelAdapter:
     @property
     def config_hash(self) -> str:
         """Short sha256 of the model config (architecture-defining fields), for artifact metadata."""
-        cfg = self.model.config.to_dict()
+        cfg = cast("PreTrainedConfig", self.model.config).to_dict()
         keys = sorted(k for k in cfg if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS)
         blob = json.dumps({k: cfg[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -573,7 +576,8 @@ def _discover(model: nn.Module, ov: dict[str, Any]) -> _Layout:
         embed_path = ov["embed"]
         embed = _resolve(model, embed_path, "token embedding", "embed", arch)
     else:
-        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        get_in = getattr(model, "get_input_embeddings", None)
+        embed = get_in() if callable(get_in) else None
         embed_path = _module_path(model, embed) if isinstance(embed, nn.Module) else None
         if embed_path is None:
             raise UnsupportedModelError(f"{arch}: could not find the token embedding (get_input_embeddings()); "
@@ -585,7 +589,8 @@ def _discover(model: nn.Module, ov: dict[str, Any]) -> _Layout:
         head_path = ov["lm_head"]
         head = _resolve(model, head_path, "LM head", "lm_head", arch)
     else:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_out = getattr(model, "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
         head_path = _module_path(model, head) if isinstance(head, nn.Module) else None
         if head_path is None:
             raise UnsupportedModelError(
@@ -805,14 +810,16 @@ def _lstsq_fit(cols: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Te
 
 def _fit_embedding(probe: _Probe, embed: nn.Module, pos_mods: list[nn.Module], tol: float,
                    issues: list[str]) -> tuple[float, list[nn.Module]]:
+    assert probe.block_in[0] is not None and probe.ids is not None, "run() checked that every block ran"
     x0 = probe.block_in[0].double()
+    weight = embed.weight
+    assert isinstance(weight, torch.Tensor)
     e_out = probe.outputs(embed)
     if not e_out or e_out[0] is None:
         issues.append("the token embedding never ran in the probe")
         return 1.0, []
     e = e_out[0].double()
-    rows = embed.weight.detach()[probe.ids.to(embed.weight.device)].double().cpu() \
-        if embed.weight.device.type != "meta" else None
+    rows = weight.detach()[probe.ids.to(weight.device)].double().cpu() if weight.device.type != "meta" else None
     ratio = 1.0
     if rows is not None and rows.shape == e.shape:
         c, res = _lstsq_fit([rows], e)
@@ -873,6 +880,8 @@ def _find_writers(block: nn.Module, i: int, probe: _Probe, given, tol: float,
                   arch: str) -> tuple[tuple[Writer, ...], str | None]:
     """Writers of block ``i`` by accounting: ``out - in = sum_j c_j * child_j(out)``."""
     x_in, x_out = probe.block_in[i], probe.block_out[i]
+    if x_in is None or x_out is None:
+        raise UnsupportedModelError(f"{arch}: block {i} did not run in the probe forward")
     delta = (x_out.double() - x_in.double())
     scale = float(x_out.double().norm()) + float(x_in.double().norm())
     children = list(block.named_children())
@@ -938,8 +947,8 @@ def _find_writers(block: nn.Module, i: int, probe: _Probe, given, tol: float,
         issue = (f"{missing} is not a sum of its sub-modules' outputs (found: "
                  f"{', '.join(w.path for w in writers) or 'none'}); hooks act on the block inputs and these only. "
                  "Pass the writers explicitly: refusal_fast.ModelAdapter(model, writers={'attn': ..., 'mlp': ...})")
-    order = {name: n for n, (name, _m) in enumerate(children)}
-    writers.sort(key=lambda w: order.get(w.path.split(".")[0], len(order)))
+    position = {name: n for n, (name, _m) in enumerate(children)}
+    writers.sort(key=lambda w: position.get(w.path.split(".")[0], len(position)))
     return tuple(writers), issue
 
 
@@ -1074,6 +1083,7 @@ def _fused_expert_weights(mod: nn.Module, path: str, d_model: int) -> list[tuple
     if getattr(mod, "has_post_expert_norm", False):
         raise _Unprovable(f"'{path}' normalises each expert's output, so no weight edit removes a direction exactly")
     w = mod.down_proj
+    assert isinstance(w, torch.Tensor)
     dim = 2 if mod.is_transposed else 1  # [E, in, d] (gpt-oss) or [E, d, in]
     if w.shape[dim] != d_model:
         raise _Unprovable(f"'{path}.down_proj' of shape {tuple(w.shape)} has no d_model={d_model} axis {dim}")
