@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelAdapter", "UnsupportedModelError", "get_adapter", "SUPPORTED_ARCHS", "Writer", "ResidualWeight",
-    "block_input", "module_output_tensor", "module_device", "is_quantized",
+    "block_input", "module_output_tensor", "module_device", "is_quantized", "StopForward",
 ]
 
 
@@ -607,7 +607,7 @@ def _discover(model: nn.Module, ov: dict[str, Any]) -> _Layout:
                     and m.weight.dim() == 2 and m.weight.shape[1] == d_model
                     and not any(m is x for b in blocks for x in b.modules())]
         pos_paths = [_module_path(model, m) or "" for m in pos_mods]
-    probe = _Probe(model, base, blocks, embed, pos_mods, deep)
+    probe = _Probe(model, base, blocks, embed, pos_mods, deep, head)
     probe.run()
     hook_issues: list[str] = []
     weight_issues: list[str] = []
@@ -694,6 +694,14 @@ def _find_blocks(model: nn.Module, arch: str) -> tuple[str, nn.ModuleList]:
     )
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (caught by whoever registered the hook)."""
+
+
+def _stop_at_head(module, args):
+    raise StopForward
+
+
 def _capture(x: torch.Tensor | None) -> torch.Tensor | None:
     """A CPU copy of a probe tensor (so tensors of a model spread over devices compare directly)."""
     if x is None or x.device.type == "meta":
@@ -710,9 +718,10 @@ class _Call:
 class _Probe:
     """One forward on a few token ids recording block inputs/outputs and sub-module outputs."""
 
-    def __init__(self, model, base, blocks, embed, pos_mods, deep: set[int]):
+    def __init__(self, model, base, blocks, embed, pos_mods, deep: set[int], head: nn.Module | None = None):
         self.model, self.base, self.blocks, self.embed, self.pos_mods, self.deep = model, base, blocks, embed, \
             pos_mods, deep
+        self.head = head  # the forward stops at its input (the vocabulary projection is not needed)
         self.block_in: list[torch.Tensor | None] = [None] * len(blocks)
         self.block_out: list[torch.Tensor | None] = [None] * len(blocks)
         self.calls: dict[int, list[_Call]] = {}
@@ -766,9 +775,11 @@ class _Probe:
                 for sub in subs:
                     if sub is not block:
                         self._watch(sub, handles)
-            for mod in model.modules():  # everything outside the blocks (embeddings, final norm, head)
+            for mod in model.modules():  # everything outside the blocks (embeddings, final norm)
                 if id(mod) not in in_blocks and mod is not model:
                     self._watch(mod, handles)
+            if self.head is not None:
+                handles.append(self.head.register_forward_pre_hook(_stop_at_head))
             vocab = int(self.embed.weight.shape[0])
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, max(1, min(vocab, 4096)), (1, _PROBE_TOKENS), generator=g)
@@ -778,6 +789,8 @@ class _Probe:
             try:
                 with torch.no_grad():
                     model(input_ids=ids.to(module_device(self.embed, self.embed.weight.device)), use_cache=False)
+            except StopForward:
+                pass
             except Exception as exc:
                 raise UnsupportedModelError(
                     f"{type(model).__name__}: the structure probe (one forward of {_PROBE_TOKENS} tokens) failed: "

@@ -175,7 +175,7 @@ def _check_editable(ad, weights) -> None:
 def _writer_components(ad, q64: torch.Tensor, skip_post_norms: bool) -> dict[str, float]:
     """Relative component ``|Q o| / |o|`` of the block-0 input and of every writer output on the
     adapter's probe tokens: ``{"embed": c, "layer 3 mlp": c, ...}``."""
-    from .models import block_input, module_output_tensor
+    from .models import StopForward, block_input, module_output_tensor
 
     out: dict[str, float] = {}
     handles = []
@@ -189,8 +189,12 @@ def _writer_components(ad, q64: torch.Tensor, skip_post_norms: bool) -> dict[str
     def pre(m, args, kwargs):
         out["embed"] = comp(block_input(args, kwargs))
 
+    def stop(m, args):
+        raise StopForward  # the vocabulary projection is not needed
+
     try:
         handles.append(ad.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(ad.lm_head.register_forward_pre_hook(stop))
         for i in range(ad.n_layers):
             for w, mod in zip(ad.writers(i), ad.writer_modules(i)):
                 if skip_post_norms and w.is_post_norm:
@@ -205,6 +209,8 @@ def _writer_components(ad, q64: torch.Tensor, skip_post_norms: bool) -> dict[str
         ad.model.eval()
         try:
             ad.model(input_ids=ids, use_cache=False)
+        except StopForward:
+            pass
         finally:
             ad.model.train(was_training)
     finally:
