@@ -644,16 +644,19 @@ def _discover(model: nn.Module, ov: dict[str, Any]) -> _Layout:
         spec = _check_writer_weights(ov["writer_weights"], blocks, writers[0], d_model, arch)
         weights = [spec] * len(blocks)
     else:
+        # blocks of one structure with the same writers share the weights traced on the first of them
+        def key_of(i: int) -> tuple:
+            return signatures[i], tuple((w.path, w.sublayer) for w in writers[i])
+
         per_sig: dict[tuple, tuple[tuple[str, int, str], ...] | None] = {}
         for i in sorted(deep):
-            ws_i = writers[i]
             try:
-                per_sig[(signatures[i], ws_i)] = _writer_weights(blocks[i], ws_i, probe, d_model, tol)
+                per_sig[key_of(i)] = _writer_weights(blocks[i], writers[i], probe, d_model, tol)
             except _Unprovable as exc:
-                per_sig[(signatures[i], ws_i)] = None
+                per_sig[key_of(i)] = None
                 weight_issues.append(f"block {i}: {exc}")
         for i in range(len(blocks)):
-            key = (signatures[i], writers[i])
+            key = key_of(i)
             if key not in per_sig:  # same structure as a probed block but other writers: probe this one
                 try:
                     per_sig[key] = _writer_weights(blocks[i], writers[i], probe, d_model, tol)
@@ -954,7 +957,7 @@ def _find_writers(block: nn.Module, i: int, probe: _Probe, given, tol: float,
             issue = f"block {i}: '{name}' is called {n_calls} times but only some of its outputs are added to the " \
                     "residual stream; hooks on it would change the others"
             continue
-        writers.append(_classify_writer(block, name, cfs[0], probe, kinds.get(name)))
+        writers.append(_classify_writer(block, name, cfs[0], probe, kinds.get(name), tol))
     if not ok:
         missing = f"{res / max(float(delta.norm()), 1e-30):.1%} of block {i}'s residual update"
         issue = (f"{missing} is not a sum of its sub-modules' outputs (found: "
@@ -965,14 +968,17 @@ def _find_writers(block: nn.Module, i: int, probe: _Probe, given, tol: float,
     return tuple(writers), issue
 
 
-def _classify_writer(block: nn.Module, path: str, scale: float, probe: _Probe, kind: str | None) -> Writer:
+def _classify_writer(block: nn.Module, path: str, scale: float, probe: _Probe, kind: str | None,
+                     tol: float) -> Writer:
     mod = _get_path(block, path)
     source = _source_sublayer(block, mod, probe) if not _has_matrix_params(mod) else None
     k = kind or _kind(block, source or path)
     # a norm (1-D weights) between a sub-layer and the add is a post-sub-layer norm; a parameter-free
     # map (an eval-mode dropout) is transparent and its sub-layer's weights write the residual
     post_norm = source if source is not None and _n_params(mod) > 0 else None
-    return Writer(path=path, kind=k, scale=1.0 if abs(scale - 1.0) < 1e-4 else round(scale, 6), sublayer=post_norm)
+    # the scale as measured on the probe (to the activations' precision): 1, or e.g. Granite's 0.22
+    scale = 1.0 if abs(scale - 1.0) < max(1e-4, tol) else float(f"{scale:.{3 if tol > 1e-4 else 5}g}")
+    return Writer(path=path, kind=k, scale=scale, sublayer=post_norm)
 
 
 def _source_sublayer(block: nn.Module, mod: nn.Module, probe: _Probe) -> str | None:
