@@ -17,6 +17,8 @@ BS = 5  # batch size: mixes groups within batches and leaves a ragged last batch
 def naive_reference(model, tok, groups, positions, layers, system_prompt=None, second_layer=None):
     """Per prompt, unpadded, float64 copy of the model, output_hidden_states; gather and average."""
     ref = copy.deepcopy(model).to(torch.float64)
+    if getattr(ref, "_can_set_experts_implementation", lambda: False)():
+        ref.set_experts_implementation("eager")  # grouped_mm experts kernels take no float64
     means, seconds = {}, {}
     with torch.no_grad():
         for g, prompts in groups.items():

@@ -21,6 +21,7 @@ _EXPORTS = {
     "backend_info": "refusal_fast.ops",
     # model access and chat formatting
     "get_adapter": "refusal_fast.models",
+    "ModelAdapter": "refusal_fast.models",
     "UnsupportedModelError": "refusal_fast.models",
     "format_prompt": "refusal_fast.chat",
     "encode_prompts": "refusal_fast.chat",

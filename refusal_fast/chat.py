@@ -5,11 +5,24 @@ instruction up to the assistant's first token, e.g. ``<|im_end|> \\n <|im_start|
 for ChatML. The refusal-direction literature reads activations at these "post-instruction"
 positions. Because prompts are left padded, the eoi tokens sit at the same negative offsets
 (``[-n_eoi, ..., -1]``) in every row of a batch.
+
+Reasoning ("thinking") models put a reasoning block between the instruction and the answer:
+Qwen3 / DeepSeek-R1 ``<think>...</think>``, gpt-oss's harmony ``analysis`` channel, Magistral
+``[THINK]...[/THINK]``, EXAONE Deep ``<thought>...</thought>``. Some templates open the block in
+the generation prompt (then the eoi tokens end with the opening tag), others leave it to the
+model. :func:`reasoning_format` recognises the format from the template,
+:func:`close_reasoning` gives a tokenizer whose prompts end with an empty, closed block (the
+model answers directly: ``enable_thinking=False`` where the template supports it), and
+:func:`split_reasoning` / :func:`strip_reasoning` separate a completion's reasoning from its
+answer so classifiers judge the answer.
 """
 from __future__ import annotations
 
+import copy
+import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +30,8 @@ __all__ = [
     "DEFAULT_REFUSAL_PHRASES", "format_prompt", "eoi_tokens", "eoi_positions", "encode_prompts",
     "length_buckets", "refusal_token_ids", "ensure_pad_token", "pad_token_id", "collate", "template_fingerprint",
     "check_prompt_lengths",
+    "ReasoningFormat", "REASONING_FORMATS", "reasoning_format", "prompt_opens_reasoning", "close_reasoning",
+    "split_reasoning", "strip_reasoning", "decode_completions",
 ]
 
 #: Phrases whose first token starts a typical refusal; :func:`refusal_token_ids` keeps the first token of each.
@@ -126,8 +141,8 @@ def _messages(instruction: str, system_prompt: str | None) -> list[dict]:
 def format_prompt(tokenizer, instruction: str, system_prompt: str | None = None) -> str:
     """Render one instruction with the tokenizer's chat template, ending at the assistant's first token.
 
-    Templates that reject a system role (Gemma) get the system prompt prepended to the
-    instruction, as their model cards recommend.
+    Templates that reject a system role (Gemma, Mistral v0.1) get the system prompt prepended to
+    the instruction, as their model cards recommend.
     """
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
@@ -139,12 +154,18 @@ def format_prompt(tokenizer, instruction: str, system_prompt: str | None = None)
         text = tokenizer.apply_chat_template(
             _messages(instruction, system_prompt), tokenize=False, add_generation_prompt=True
         )
-    except Exception as exc:  # jinja raise_exception on a system role
-        if system_prompt is None or "system" not in str(exc).lower():
+    except Exception:  # jinja raise_exception on a system role ("roles must alternate", "System role not ...")
+        if system_prompt is None:
             raise
-        text = tokenizer.apply_chat_template(
-            _messages(f"{system_prompt}\n\n{instruction}", None), tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                _messages(f"{system_prompt}\n\n{instruction}", None), tokenize=False, add_generation_prompt=True
+            )
+        except Exception:
+            pass
+        else:
+            return text
+        raise
     return text
 
 
@@ -256,3 +277,176 @@ def template_fingerprint(tokenizer, system_prompt: str | None = None) -> str:
 
     text = format_prompt(tokenizer, "{instruction}", system_prompt)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# reasoning blocks
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How a model family marks its reasoning block.
+
+    Attributes:
+        name: short name.
+        open: text that opens the reasoning block.
+        answer: text after which the answer starts (the closing tag, or harmony's final-channel header).
+        empty: a closed, empty block as it would follow the generation prompt (the model then answers).
+        end: texts that end the answer (stripped from it), e.g. harmony's ``<|return|>``.
+        models: which real models use it (documentation).
+    """
+
+    name: str
+    open: str
+    answer: str
+    empty: str
+    end: tuple[str, ...] = ()
+    models: str = ""
+
+
+#: The reasoning formats :func:`reasoning_format` recognises, checked in this order.
+REASONING_FORMATS: tuple[ReasoningFormat, ...] = (
+    ReasoningFormat("harmony", "<|channel|>analysis<|message|>", "<|channel|>final<|message|>",
+                    "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>",
+                    ("<|return|>", "<|end|>", "<|call|>"), "gpt-oss"),
+    ReasoningFormat("think", "<think>", "</think>", "<think>\n\n</think>\n\n", (),
+                    "Qwen3, Qwen3-Thinking, DeepSeek-R1, SmolLM3, GLM-4.5"),
+    ReasoningFormat("THINK", "[THINK]", "[/THINK]", "[THINK][/THINK]", (), "Magistral"),
+    ReasoningFormat("thought", "<thought>", "</thought>", "<thought>\n\n</thought>\n", (), "EXAONE Deep"),
+)
+_SENTINEL = "zqxv instruction"
+
+
+def reasoning_format(tokenizer) -> ReasoningFormat | None:
+    """The :class:`ReasoningFormat` whose markers the tokenizer's chat template uses, or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates
+        template = " ".join(str(t) for t in template.values())
+    if not isinstance(template, str):
+        return None
+    for fmt in REASONING_FORMATS:
+        markers = ("<|channel|>",) if fmt.name == "harmony" else (fmt.open, fmt.answer)
+        if any(m in template for m in markers):
+            return fmt
+    return None
+
+
+def prompt_opens_reasoning(tokenizer, system_prompt: str | None = None, fmt: ReasoningFormat | None = None) -> bool:
+    """True when the generation prompt itself opens a reasoning block that it does not close
+    (Qwen3-Thinking ``<think>\\n``, EXAONE Deep ``<thought>\\n``): completions then start inside it."""
+    fmt = fmt or reasoning_format(tokenizer)
+    if fmt is None:
+        return False
+    text = format_prompt(tokenizer, _SENTINEL, system_prompt)
+    tail = text[text.rfind(_SENTINEL) + len(_SENTINEL):]
+    i = tail.rfind(fmt.open)
+    return i >= 0 and tail.find(fmt.answer, i + len(fmt.open)) < 0
+
+
+def _prompt_closes_reasoning(tokenizer, fmt: ReasoningFormat, system_prompt: str | None = None) -> bool:
+    text = format_prompt(tokenizer, _SENTINEL, system_prompt)
+    tail = text[text.rfind(_SENTINEL) + len(_SENTINEL):]
+    return tail.rstrip().endswith(fmt.answer.rstrip()) or (fmt.answer in tail and not prompt_opens_reasoning(
+        tokenizer, system_prompt, fmt) and tail.rfind(fmt.answer) > tail.rfind(fmt.open))
+
+
+def close_reasoning(tokenizer, fmt: ReasoningFormat | None = None):
+    """A copy of ``tokenizer`` whose generation prompts end with an empty, closed reasoning block,
+    so the model answers at once (as users expect when they switch thinking off).
+
+    Templates that support ``enable_thinking`` (Qwen3, SmolLM3) get it set to false; a template
+    that opens the block itself gets the closing tag appended; otherwise the format's empty block
+    (``<think>\\n\\n</think>\\n\\n``, harmony's empty analysis message + final-channel header,
+    ``[THINK][/THINK]``) is appended to every generation prompt. The eoi tokens of the copy end with
+    the closed block.
+
+    Raises:
+        ValueError: the template uses no known reasoning format (pass ``fmt``), or the result does
+            not end with a closed block.
+    """
+    fmt = fmt or reasoning_format(tokenizer)
+    if fmt is None:
+        raise ValueError("the chat template uses no known reasoning block (<think>, harmony analysis channel, [THINK], "
+                         "<thought>); pass fmt=refusal_fast.chat.ReasoningFormat(...)")
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        raise ValueError("close_reasoning needs a single string chat_template")
+    out = copy.deepcopy(tokenizer)
+    if "enable_thinking" in template:
+        out.chat_template = "{%- set enable_thinking = false %}" + template
+        if _prompt_closes_reasoning(out, fmt):
+            return out
+    if prompt_opens_reasoning(tokenizer, fmt=fmt):
+        suffix = fmt.answer + fmt.empty[fmt.empty.find(fmt.answer) + len(fmt.answer):]
+    else:
+        suffix = fmt.empty
+    literal = json.dumps(suffix)  # a Jinja string literal (JSON escapes, ASCII only)
+    out.chat_template = template + "{%- if add_generation_prompt %}{{- " + literal + " }}{%- endif %}"
+    if not _prompt_closes_reasoning(out, fmt):
+        raise ValueError(f"could not close the {fmt.name} reasoning block in this chat template")
+    return out
+
+
+def split_reasoning(text: str, fmt: ReasoningFormat | None = None, opened: bool = False) -> tuple[str, str]:
+    """``(reasoning, answer)`` of a completion.
+
+    Args:
+        text: the completion (decoded keeping the format's markers, see :func:`decode_completions`).
+        fmt: the format (default: the first of :data:`REASONING_FORMATS` whose markers occur in ``text``).
+        opened: the prompt opened the block (:func:`prompt_opens_reasoning`), so the completion
+            starts inside it.
+
+    Returns:
+        the reasoning (without markers; "" when there is none) and the answer after the block
+        (leading whitespace stripped). A block that never closes leaves the answer "" (the model
+        did not get to answer); text without any block is all answer unless ``opened``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if fmt is None:
+        hits = [(text.find(m), f) for f in REASONING_FORMATS for m in (f.open, f.answer) if m in text]
+        if not hits:
+            return ("", "") if opened and text.strip() else ("", text)
+        fmt = min(hits, key=lambda h: h[0])[1]
+    a = text.find(fmt.answer)
+    if a < 0:
+        if fmt.open in text:
+            start = text.find(fmt.open) + len(fmt.open)
+            return text[start:].strip(), ""
+        return (text.strip(), "") if opened else ("", text)
+    reasoning = text[:a]
+    if fmt.open in reasoning:
+        reasoning = reasoning[reasoning.find(fmt.open) + len(fmt.open):]
+    if fmt.name == "harmony":  # the analysis message ends with <|end|><|start|>assistant
+        for marker in ("<|end|>", "<|start|>assistant"):
+            reasoning = reasoning.replace(marker, "")
+    answer = text[a + len(fmt.answer):]
+    for end in fmt.end:
+        if end in answer:
+            answer = answer[:answer.find(end)]
+    return reasoning.strip(), answer.lstrip()
+
+
+def strip_reasoning(text: str, fmt: ReasoningFormat | None = None, opened: bool = False) -> str:
+    """The answer of a completion, without its reasoning block (see :func:`split_reasoning`).
+
+    Classifiers call this so that a refusal after the reasoning counts and reasoning that
+    merely discusses refusing does not."""
+    return split_reasoning(text, fmt, opened)[1]
+
+
+def decode_completions(tokenizer, ids, fmt: ReasoningFormat | None = None) -> list[str]:
+    """Decode generated ids ``[batch, new]`` like ``batch_decode(skip_special_tokens=True)``, except
+    that special tokens belonging to the reasoning format's markers (harmony's ``<|channel|>``,
+    ``<|message|>``, ...) are kept so :func:`split_reasoning` can find the answer."""
+    if fmt is None:
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    markers = fmt.open + fmt.answer + fmt.empty + "".join(fmt.end)
+    specials = sorted((t for t in getattr(tokenizer, "all_special_tokens", []) if t and t not in markers),
+                      key=len, reverse=True)
+    out = []
+    for text in tokenizer.batch_decode(ids, skip_special_tokens=False):
+        for t in specials:
+            text = text.replace(t, "")
+        out.append(text)
+    return out

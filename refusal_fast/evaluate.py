@@ -294,7 +294,8 @@ def generate_completions(model, tokenizer, instructions: Sequence[str], max_new_
     """Greedy completions (``do_sample=False``) of each instruction, in input order.
 
     Batches are length-bucketed and left-padded; only the new text is returned (special tokens
-    skipped). Works under any intervention context (hooks stay active during ``generate``).
+    skipped, except a reasoning format's markers: see :func:`chat.decode_completions`). Works
+    under any intervention context (hooks stay active during ``generate``).
     Extra ``generate_kwargs`` go to ``model.generate`` (e.g. ``repetition_penalty``).
     """
     instructions = check_instructions(instructions)
@@ -306,13 +307,14 @@ def generate_completions(model, tokenizer, instructions: Sequence[str], max_new_
     generate_kwargs.pop("do_sample", None)
     out: list[str | None] = [None] * len(instructions)
     gen_cfg = _greedy_config(model, tokenizer, max_new_tokens)
+    fmt = chat.reasoning_format(tokenizer)  # keep its markers (harmony's are special tokens) for split_reasoning
     with torch.inference_mode():
         for idx, batch in _batches(model, tokenizer, instructions, batch_size, system_prompt, progress, "generate",
                                    new_tokens=max_new_tokens):
             batch.pop("position_ids")  # generate derives them from the attention mask at every step
             seq = model.generate(**batch, generation_config=gen_cfg, **generate_kwargs)
             new = seq[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            for i, text in zip(idx, chat.decode_completions(tokenizer, new, fmt)):
                 out[i] = text
     return out  # type: ignore[return-value]
 
@@ -373,7 +375,7 @@ def refusal_rate(completions: Sequence[str], classifier: Any = None) -> float:
 def evaluate_prompts(model, tokenizer, instructions: Sequence[str], categories: Sequence[str | None] | None = None,
                      classifier: Any = None, max_new_tokens: int = 64, batch_size: int = 32,
                      system_prompt: str | None = None, refusal_ids: Sequence[int] | None = None,
-                     compute_scores: bool = True, progress: bool = True) -> dict:
+                     compute_scores: bool = True, progress: bool = True, reasoning: str = "answer") -> dict:
     """Generate, classify and score a prompt set; returns a JSON-serialisable dict.
 
     Args:
@@ -381,12 +383,19 @@ def evaluate_prompts(model, tokenizer, instructions: Sequence[str], categories: 
         classifier: a classifier, a judge function ``list[str] -> list[bool]``, or a list of
             them (the first is primary: it defines ``refusal_rate``); default substring.
         compute_scores: also compute the refusal score of each prompt (one extra forward pass).
+        reasoning: for tokenizers whose template has a reasoning block (:func:`chat.reasoning_format`):
+            ``"answer"`` (default) classifies only the answer after the block (a refusal after the
+            reasoning counts; an unfinished block leaves an empty answer); ``"close"`` prompts with an
+            empty, closed block (:func:`chat.close_reasoning`, ``enable_thinking=False``) so the model
+            answers at once and the refusal score is that of the answer's first token; ``"full"``
+            classifies the whole completion. Without a reasoning format all three are the same.
 
     Returns:
         ``{"n", "classifier", "refusal_rate", "rates": {name: rate}, "mean_refusal_score",
         "per_category": {cat: {"n", "refusal_rate", "rates", "mean_refusal_score"}}, "settings",
         "records": [{"instruction", "category", "completion", "refused", "matched",
-        "verdicts": {name: {"refused", "matched", "span"}}, "refusal_score"}]}``. Prompts without
+        "verdicts": {name: {"refused", "matched", "span"}}, "refusal_score"}]}``; with a
+        reasoning format each record also has ``"reasoning"`` and ``"answer"``. Prompts without
         a category are left out of ``per_category``.
     """
     instructions = check_instructions(instructions)
@@ -403,21 +412,34 @@ def evaluate_prompts(model, tokenizer, instructions: Sequence[str], categories: 
         categories = [None] * len(instructions)
     clfs = _classifiers(classifier)
     names = _names(clfs)
+    if reasoning not in ("answer", "close", "full"):
+        raise ValueError(f"reasoning must be 'answer', 'close' or 'full', got {reasoning!r}")
+    fmt = chat.reasoning_format(tokenizer)
+    if fmt is not None and reasoning == "close":
+        tokenizer = chat.close_reasoning(tokenizer, fmt)
+    opened = fmt is not None and chat.prompt_opens_reasoning(tokenizer, system_prompt, fmt)
     completions = generate_completions(model, tokenizer, instructions, max_new_tokens, batch_size,
                                        system_prompt, progress)
-    verdicts = {n: c.classify_many(completions, instructions) for n, c in zip(names, clfs)}
+    split = [chat.split_reasoning(c, fmt, opened) if fmt is not None and reasoning != "full" else None
+             for c in completions]
+    judged = [c if sp is None else sp[1] for c, sp in zip(completions, split)]
+    verdicts = {n: c.classify_many(judged, instructions) for n, c in zip(names, clfs)}
     scores = None
     if compute_scores:
         scores = refusal_scores(model, tokenizer, instructions, refusal_ids, batch_size, system_prompt).tolist()
     records = []
     for i, (inst, cat, comp) in enumerate(zip(instructions, categories, completions)):
         v0 = verdicts[names[0]][i]
-        records.append({
+        rec = {
             "instruction": inst, "category": cat, "completion": comp,
             "refused": v0.refused, "matched": v0.matched,
             "verdicts": {n: verdicts[n][i].to_dict() for n in names},
             "refusal_score": None if scores is None else scores[i],
-        })
+        }
+        parts = split[i]
+        if parts is not None:
+            rec["reasoning"], rec["answer"] = parts
+        records.append(rec)
 
     def summary(rows: list[int]) -> dict:
         rates = {n: sum(verdicts[n][i].refused for i in rows) / len(rows) for n in names}
@@ -435,6 +457,7 @@ def evaluate_prompts(model, tokenizer, instructions: Sequence[str], categories: 
         "per_category": {c: summary(rows) for c, rows in sorted(per_cat.items())},
         "settings": {
             "max_new_tokens": max_new_tokens, "system_prompt": system_prompt, "batch_size": batch_size,
+            "reasoning": None if fmt is None else {"format": fmt.name, "mode": reasoning, "prompt_opens": opened},
             "classifiers": {n: repr(c) for n, c in zip(names, clfs)},
             "refusal_ids": None if not compute_scores else
             [int(t) for t in (refusal_ids if refusal_ids is not None else chat.refusal_token_ids(tokenizer))],

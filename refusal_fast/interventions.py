@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, overload
@@ -39,7 +40,7 @@ from torch import nn
 
 from . import ops
 from .basis import as_float64_matrix, check_castable, check_width, orthonormalize, raw_vector, unit_vector
-from .models import ModelAdapter, block_input, get_adapter, module_output_tensor
+from .models import ModelAdapter, block_input, get_adapter, module_device, module_output_tensor
 from .types import BasesLike, BasisLike, IndexLike, LayersLike, MeanLike, VectorLike
 from .weight_edit import OrthogonalizationRecord, orthogonalize
 
@@ -62,9 +63,13 @@ def _tracking(x: torch.Tensor) -> bool:
 
 
 def _block_device(block: nn.Module, default: torch.device) -> torch.device:
-    for p in block.parameters():
-        return p.device
-    return default
+    """Where ``block`` computes (accelerate's execution device for offloaded / device_map blocks)."""
+    return module_device(block, default)
+
+
+def _warn_unverified(ad: ModelAdapter, what: str) -> None:
+    if ad.hook_issues:
+        warnings.warn(f"{what}: {ad.arch}: " + "; ".join(ad.hook_issues), stacklevel=3)
 
 
 @overload
@@ -219,9 +224,11 @@ def ablate(model: nn.Module, basis: BasisLike, layers: LayersLike = None, mean: 
            fused: bool = False) -> Iterator[torch.Tensor]:
     """Project a direction / subspace out of the residual stream: ``x <- x - Q (Q^T x)``.
 
-    Applied at each selected block's input and to its attention and MLP outputs, so the
-    direction is never written back: equivalent to :func:`orthogonalize` (weight edit) for all
-    layers, but reversible and restricted to ``layers`` if given.
+    Applied at each selected block's input and to every output the block adds to the residual
+    stream (attention, MLP or mixture-of-experts block, any further writer the adapter found;
+    after a post-sub-layer norm where there is one), so the direction is never written back:
+    equivalent to :func:`orthogonalize` (weight edit) for all layers, but reversible, exact also
+    where no weight edit is (Gemma 2/3 post-norms), and restricted to ``layers`` if given.
 
     Args:
         model: a supported transformers causal LM (or its :class:`ModelAdapter`).
@@ -267,9 +274,10 @@ def ablate(model: nn.Module, basis: BasisLike, layers: LayersLike = None, mean: 
             shift = None if means is None else (q64.T @ (q64 @ means[i])).to(q)  # float32, like q
             pre, out = _projector(q, shift, copy=i == 0), _projector(q)
             handles.append(block.register_forward_pre_hook(_pre_hook(pre), with_kwargs=True))
-            handles.append(ad.attn_out(i).register_forward_hook(_out_hook(out)))
-            handles.append(ad.mlp_out(i).register_forward_hook(_out_hook(out)))
+            for mod in ad.writer_modules(i):  # attention, MLP / mixture of experts, any other writer
+                handles.append(mod.register_forward_hook(_out_hook(out)))
 
+    _warn_unverified(ad, "ablate")
     with _hooks(register):
         yield q64
 
@@ -422,7 +430,7 @@ class RowInterventions:
     batch row ``b`` of the residual stream ``[batch, seq, d_model]``:
 
     - ablation: if ``ablate_index[b] >= 0``, project ``ablate_bases[ablate_index[b]]`` (``[k, d]``)
-      out at every block input and every attention/MLP output (all layers), as :func:`ablate`;
+      out at every block input and every residual writer's output (all layers), as :func:`ablate`;
     - addition: if ``add_index[b] >= 0`` and ``add_layers[b] >= 0``, add
       ``alpha * add_vectors[add_index[b]]`` at every position of the input of block
       ``add_layers[b]`` (after that block input's ablation, if any).
@@ -555,7 +563,7 @@ class RowInterventions:
         try:
             for i in range(ad.n_layers):
                 self._handles.append(ad.blocks[i].register_forward_pre_hook(_pre_hook(self._pre(i)), with_kwargs=True))
-                for mod in (ad.attn_out(i), ad.mlp_out(i)):
+                for mod in ad.writer_modules(i):
                     self._handles.append(mod.register_forward_hook(_out_hook(self._ablate)))
         except BaseException:
             _remove(self._handles)

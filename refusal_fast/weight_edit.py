@@ -2,10 +2,14 @@
 
 Every weight that writes into the residual stream gets its output side projected,
 ``W <- W - Q^T Q W`` (``Q`` ``[k, d_model]`` orthonormal rows): the token embedding (and GPT-2's
-position embedding), every attention output projection and every MLP down projection, plus
-their biases. No component along ``Q`` can then enter the residual stream, which is what
-:func:`refusal_fast.ablate` enforces with hooks at every layer. The edited model is an ordinary
-transformers model: ``save_pretrained`` it and load it in any server.
+position embedding), every attention output projection and every MLP down projection, every
+expert's down projection (also experts stored as fused 3-D parameters) and shared expert, plus
+their biases. The list comes from the model adapter (:meth:`ModelAdapter.residual_weights`),
+which refuses, naming the module, when it cannot account for every such weight. No component
+along ``Q`` can then enter the residual stream, which is what :func:`refusal_fast.ablate`
+enforces with hooks at every layer; a short forward before and after the edit checks that every
+writer lost its component. The edited model is an ordinary transformers model: ``save_pretrained``
+it and load it in any server.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from .basis import check_width, orthonormalize
-from .models import UnsupportedModelError, get_adapter
+from .models import UnsupportedModelError, get_adapter, is_quantized
 from .types import BasisLike
 
 if TYPE_CHECKING:
@@ -94,10 +98,13 @@ def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, un
 
     Edits in place ``W <- W - Q^T Q W`` on the output (residual) side of: the token embedding
     ``[vocab, d]`` (rows), GPT-2's position embedding, each attention output projection and each
-    MLP down projection (``nn.Linear`` weight ``[d, in]``; GPT-2 ``Conv1D`` weight ``[in, d]``) and
-    their biases ``[d]``. Math in float64 on the CPU, float32 elsewhere, rounded once to the
-    parameter dtype. Logits then match those under ``ablate(model, basis)`` (all layers) up to
-    that rounding.
+    MLP down projection (``nn.Linear`` weight ``[d, in]``; GPT-2 ``Conv1D`` weight ``[in, d]``),
+    each routed expert's down projection (fused ``[experts, d, in]`` or, transposed as in
+    gpt-oss, ``[experts, in, d]``), shared experts, and their biases ``[d]`` / ``[experts, d]``.
+    Math in float64 on the CPU, float32 elsewhere, rounded once to the parameter dtype. Logits
+    then match those under ``ablate(model, basis)`` (all layers) up to that rounding. Quantized
+    (bitsandbytes) and offloaded weights are refused: orthogonalize the full-precision model and
+    quantize the saved result.
 
     Tied embeddings (GPT-2, Gemma2): the embedding matrix is also the unembedding, so editing it
     would also project the direction out of the *readout* (``logits = norm(h) (E - E Q^T Q)^T``),
@@ -120,6 +127,11 @@ def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, un
     Returns:
         an :class:`OrthogonalizationRecord`. If an edit fails midway, everything edited so far
         is restored before the exception propagates.
+
+    Raises:
+        UnsupportedModelError: the adapter cannot account for every residual-writing weight (the
+            message names the module and how to pass the weights), weights are quantized or
+            offloaded, or the check after the edit finds a writer that still writes the direction.
     """
     ad = get_adapter(model)
     q = orthonormalize(basis, normalize)
@@ -130,8 +142,9 @@ def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, un
             "orthogonalization cannot remove the direction exactly; use refusal_fast.ablate(...) instead, or pass "
             "allow_inexact=True to edit the projections anyway"
         )
-    targets = _targets(ad)
+    targets = _targets(ad, allow_inexact)
     names = {id(p): n for n, p in ad.model.named_parameters()}
+    before = _writer_components(ad, q, skip_post_norms=True)
     rec = OrthogonalizationRecord(model=ad.model, basis=q)
     try:
         if ad.tied and untie:
@@ -146,6 +159,7 @@ def orthogonalize(model: nn.Module, basis: BasisLike, normalize: bool = True, un
             rec._params[name] = param
             rec.edited.append(name)
             _edit(param, q, side)
+        _verify_removed(ad, before, _writer_components(ad, q, skip_post_norms=True))
     except BaseException:
         _restore(rec)
         raise
@@ -176,45 +190,137 @@ def _current_param(model: nn.Module, name: str) -> nn.Parameter | None:
         return None
 
 
-def _targets(ad) -> list[tuple[nn.Parameter, str]]:
-    """(parameter, side) pairs; side "rows": last dim is d_model, "cols": first dim is d_model."""
-    out: list[tuple[nn.Parameter, str]] = [(ad.embed.weight, "rows")]
-    if ad.pos_embed is not None:
-        out.append((ad.pos_embed.weight, "rows"))
-    for i in range(ad.n_layers):
-        for mod in (ad.attn_out_proj(i), ad.mlp_out_proj(i)):
-            out.append((mod.weight, _weight_side(mod, ad)))
-            if getattr(mod, "bias", None) is not None:
-                out.append((mod.bias, "rows"))
-    for p, side in out:
-        dim = p.shape[-1] if side == "rows" else p.shape[0]
-        if dim != ad.d_model:
-            raise UnsupportedModelError(f"{ad.arch}: residual-writing weight of shape {tuple(p.shape)} has no "
-                                        f"d_model={ad.d_model} dimension on its output side")
-    return out
+def _targets(ad, allow_inexact: bool = False) -> list[tuple[nn.Parameter, int]]:
+    """(parameter, axis) pairs: every weight writing into the residual stream and its ``d_model``
+    axis on the output side (see :meth:`ModelAdapter.residual_weights`).
+
+    Raises:
+        UnsupportedModelError: the adapter could not account for every residual-writing weight
+            (naming the module), or a weight is quantized or offloaded.
+    """
+    weights = ad.residual_weights(allow_inexact=allow_inexact)
+    _check_editable(ad, weights)
+    return [(w.param, w.dim) for w in weights]
 
 
-def _weight_side(mod: nn.Module, ad) -> str:
-    if isinstance(mod, nn.Linear):
-        return "cols"  # weight [out = d_model, in]
-    if type(mod).__name__ == "Conv1D":
-        return "rows"  # transformers Conv1D: weight [in, out = d_model]
-    raise UnsupportedModelError(f"{ad.arch}: cannot orthogonalize a {type(mod).__name__} output projection "
-                                "(expected nn.Linear or transformers Conv1D)")
+def _check_editable(ad, weights) -> None:
+    """Refuse quantized (bitsandbytes int8 / packed 4-bit) and offloaded (meta) weights, naming one."""
+    model = ad.model
+    quantized = [w for w in weights if is_quantized(w.param)]
+    if quantized or getattr(model, "is_quantized", False):
+        example = quantized[0] if quantized else None
+        what = (f"{example.name} is stored as {type(example.param).__name__} {example.param.dtype}"
+                if example is not None else "the model was loaded with a quantization_config")
+        raise UnsupportedModelError(
+            f"orthogonalize edits weights in place, but {what}: quantized weights cannot be edited exactly. "
+            "Load the full-precision checkpoint (the same model without quantization_config), orthogonalize it, "
+            "save_pretrained, and quantize the saved model; or use refusal_fast.ablate on the quantized model"
+        )
+    offloaded = [w for w in weights if w.param.device.type == "meta"]
+    if offloaded:
+        raise UnsupportedModelError(
+            f"orthogonalize edits weights in place, but {offloaded[0].name} is offloaded (on the meta device, loaded "
+            "by accelerate only during the forward). Load the model without cpu/disk offload (it may be on the CPU), "
+            "orthogonalize and save_pretrained; or use refusal_fast.ablate on the offloaded model"
+        )
 
 
 @torch.no_grad()
-def _edit(param: nn.Parameter, q64: torch.Tensor, side: str) -> None:
+def _writer_components(ad, q64: torch.Tensor, skip_post_norms: bool) -> dict[str, float]:
+    """Relative component ``|Q o| / |o|`` of the block-0 input and of every writer output on the
+    adapter's probe tokens: ``{"embed": c, "layer 3 mlp": c, ...}``."""
+    from .models import StopForward, block_input, module_output_tensor
+
+    out: dict[str, float] = {}
+    handles = []
+
+    def comp(x: torch.Tensor) -> float:
+        xf = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+        q = q64.double()
+        den = float(xf.norm())
+        return float((xf @ q.T).norm()) / den if den > 0 else 0.0
+
+    def pre(m, args, kwargs):
+        out["embed"] = comp(block_input(args, kwargs))
+
+    def stop(m, args):
+        raise StopForward  # the vocabulary projection is not needed
+
+    try:
+        handles.append(ad.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(ad.lm_head.register_forward_pre_hook(stop))
+        for i in range(ad.n_layers):
+            for w, mod in zip(ad.writers(i), ad.writer_modules(i)):
+                if skip_post_norms and w.is_post_norm:
+                    continue
+                key = f"layer {i} {w.path}"
+                handles.append(mod.register_forward_hook(
+                    lambda m, a, o, key=key: out.__setitem__(key, comp(module_output_tensor(o)))))
+        g = torch.Generator().manual_seed(1)
+        vocab = int(ad.embed.weight.shape[0])
+        ids = torch.randint(0, max(1, min(vocab, 4096)), (1, 8), generator=g).to(ad.device)
+        was_training = ad.model.training
+        ad.model.eval()
+        try:
+            ad.model(input_ids=ids, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            ad.model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _verify_removed(ad, before: dict[str, float], after: dict[str, float]) -> None:
+    """Every writer output lost (nearly) all of its component: else name the first that did not."""
+    for key, b in before.items():
+        a = after.get(key)
+        if a is None or b < 1e-6:
+            continue
+        if a > 0.25 * b:
+            raise UnsupportedModelError(
+                f"{ad.arch}: after the weight edit, {key} still writes the direction into the residual stream "
+                f"(relative component {a:.3g}, was {b:.3g}): some weight writing it was not found. Pass the weights "
+                "explicitly (refusal_fast.ModelAdapter(model, writer_weights={...})) or use refusal_fast.ablate"
+            )
+
+
+def _edit_axis(side: str | int, param: torch.Tensor) -> int:
+    if side == "rows":
+        return -1
+    if side == "cols":
+        return 0
+    return int(side) % max(1, param.dim())
+
+
+@torch.no_grad()
+def _edit(param: nn.Parameter, q64: torch.Tensor, side: str | int) -> None:
+    """``param <- param - (param Q^T) Q`` along its axis ``side`` of length ``d_model`` (an int, or
+    "rows" = last axis / "cols" = first axis), in chunks, float64 math on the CPU, float32 elsewhere."""
     w = param.data
     math_dtype = torch.float64 if w.device.type == "cpu" else torch.float32
     q = q64.to(device=w.device, dtype=math_dtype)
-    rows = w.unsqueeze(0) if w.dim() == 1 else (w if side == "rows" else w.T)  # [n, d] view
-    step = max(1, _CHUNK_ELEMS // max(1, rows.shape[-1]))
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step]
-        c = chunk.to(math_dtype)
-        c = c - (c @ q.T) @ q
-        chunk.copy_(c)
+    if w.dim() == 1:
+        views = [w.unsqueeze(0)]
+    else:
+        moved = w.movedim(_edit_axis(side, w), -1)  # [..., d] view of the parameter
+        views = _leading_views(moved)
+    for rows in views:
+        step = max(1, _CHUNK_ELEMS // max(1, rows.shape[-1]))
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start:start + step]
+            c = chunk.to(math_dtype)
+            c = c - (c @ q.T) @ q
+            chunk.copy_(c)
+
+
+def _leading_views(moved: torch.Tensor) -> list[torch.Tensor]:
+    """``[a, b, ..., n, d]`` -> the ``[n, d]`` views over all leading indices."""
+    if moved.dim() == 2:
+        return [moved]
+    return [v for i in range(moved.shape[0]) for v in _leading_views(moved[i])]
 
 
 @torch.no_grad()
