@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import check_weights_loaded, offloaded_parameters
+
 __all__ = [
     "weights_fingerprint", "model_identity", "check_identity", "ModelMismatchError",
     "FINGERPRINT_METHOD", "SAMPLES_PER_TENSOR",
@@ -96,13 +98,15 @@ def weights_fingerprint(model: Any) -> str:
     params = sorted(((n.replace("_orig_mod.", ""), p) for n, p in module.named_parameters()), key=lambda x: x[0])
     samples: list[torch.Tensor] = []
     by_device: dict[torch.device, list[int]] = {}
-    for name, p in params:
+    offloaded = offloaded_parameters(module) if any(p.is_meta for _, p in params) else {}
+    for name, param in params:
+        p: torch.Tensor = param
         if p.is_meta:
-            raise ValueError(
-                f"the model's parameter {name!r} is on the meta device: its weights were never loaded (an "
-                "init_empty_weights / device='meta' model). Load the weights first (from_pretrained without "
-                "device_map='meta', or to_empty() followed by load_state_dict)"
-            )
+            load = offloaded.get(name)
+            if load is None:
+                check_weights_loaded(module)  # raises, naming the parameter
+                raise AssertionError(name)  # unreachable: check_weights_loaded raised
+            p = load()  # accelerate-offloaded weight (device_map with cpu/disk offload)
         flat = p.detach().reshape(-1)
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)

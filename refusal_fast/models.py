@@ -36,10 +36,11 @@ Hook points, named as in TransformerLens:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelAdapter", "UnsupportedModelError", "get_adapter", "SUPPORTED_ARCHS", "Writer", "ResidualWeight",
-    "block_input", "module_output_tensor", "module_device", "is_quantized", "StopForward",
+    "block_input", "module_output_tensor", "module_device", "is_quantized", "StopForward", "offloaded_parameters",
+    "check_weights_loaded",
 ]
 
 
@@ -182,6 +184,47 @@ def module_device(module: nn.Module, default: torch.device | None = None) -> tor
         if dev is not None:
             return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
     return default if default is not None else torch.device("cpu")
+
+
+def _align_hooks(module: nn.Module) -> list[Any]:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])  # accelerate's SequentialHook holds several
+
+
+def offloaded_parameters(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+    """``{parameter name: loader}`` for the parameters accelerate offloaded (on the meta device, their
+    values kept in an offload hook's weights map, e.g. ``device_map`` with ``"disk"``/``"cpu"`` offload).
+
+    Each loader returns the real tensor (from memory or the memory-mapped offload folder).
+    """
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for mname, mod in model.named_modules():
+        for hook in _align_hooks(mod):
+            wmap = getattr(hook, "weights_map", None)
+            if wmap is None or not getattr(hook, "offload", False):
+                continue
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.device.type == "meta":
+                    out[f"{mname}.{pname}" if mname else pname] = functools.partial(wmap.__getitem__, pname)
+    return out
+
+
+def check_weights_loaded(model: nn.Module) -> None:
+    """Raise ValueError naming a parameter that is on the meta device without an offload hook
+    (an ``init_empty_weights`` / ``device="meta"`` model whose weights were never loaded)."""
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if not meta:
+        return
+    offloaded = offloaded_parameters(model)
+    missing = [n for n in meta if n not in offloaded]
+    if missing:
+        raise ValueError(
+            f"the model's parameter {missing[0]!r} is on the meta device: its weights were never loaded (an "
+            "init_empty_weights / device='meta' model). Load the weights first (from_pretrained without "
+            "device_map='meta', or to_empty() followed by load_state_dict)"
+        )
 
 
 def is_quantized(param: torch.Tensor) -> bool:
@@ -538,6 +581,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         except UnsupportedModelError:
             pass  # the model changed: search again
         _LAYOUT_CACHE.pop(model, None)
+    check_weights_loaded(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
